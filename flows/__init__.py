@@ -1,0 +1,1 @@
+"""The image-search flow, its parameters and its command line."""

@@ -1,0 +1,362 @@
+"""Exact k-nearest-neighbour search behind one small interface, on GPU (cuML) and CPU
+(scikit-learn, FAISS, NumPy), all answering in true Euclidean distance.
+
+Every backend is imported lazily: a missing package or CUDA device makes the backend
+*unavailable with a reason*, and the run goes on with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from tasks.common import ImageSearchError, atomic_path, fingerprint, mark_stage_done, stage_is_done
+from tasks.embed import Features, load_features
+
+log = logging.getLogger(__name__)
+
+REFERENCE = "sklearn"
+KNN_DIR = ".knn"
+
+
+def to_euclidean(squared: Any) -> Any:
+    """True Euclidean distances from squared L2 ones (FAISS, cuML 'sqeuclidean').
+
+    Tiny negative values from float32 cancellation are clamped to zero before the root.
+    Works on NumPy and CuPy arrays alike.
+    """
+    return (squared.clip(0) ** 0.5).astype("float32")
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (respects affinity masks and container limits)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class Backend(ABC):
+    """Fit on the index, search the queries; distances are true Euclidean."""
+
+    name: str
+    device: str = "cpu"
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run here, or None."""
+        return None
+
+    def load(self, path: Path) -> tuple[np.ndarray, Any]:
+        """Read a feature file: (ids on the host, embeddings where this backend wants them)."""
+        return load_features(path)
+
+    @abstractmethod
+    def fit(self, index: Any) -> None:
+        """Prepare the index of shape (n_index, d)."""
+
+    @abstractmethod
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return (distances (n_queries, k) float32, positions (n_queries, k) int64) on the host."""
+
+    def sync(self) -> None:  # noqa: B027 - a no-op for host backends, by design
+        """Wait for queued device work, so clocks read after it measure it."""
+
+    def threads(self) -> dict[str, int]:
+        """Threads each native library of this backend is set to use."""
+        from threadpoolctl import threadpool_info
+
+        info: dict[str, int] = {}
+        for pool in threadpool_info():
+            info[str(pool.get("internal_api"))] = int(pool.get("num_threads", 0))
+        return info
+
+
+class SklearnBackend(Backend):
+    """scikit-learn brute force with all cores: the CPU reference."""
+
+    name = "sklearn"
+
+    def fit(self, index: np.ndarray) -> None:
+        from sklearn.neighbors import NearestNeighbors
+
+        self._index_size = len(index)
+        self._nn = NearestNeighbors(algorithm="brute", n_jobs=-1).fit(index)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        dist, pos = self._nn.kneighbors(queries, n_neighbors=k)
+        return dist.astype(np.float32), pos.astype(np.int64)
+
+
+class FaissBackend(Backend):
+    """FAISS exact ``IndexFlatL2``; it returns squared distances, converted here."""
+
+    name = "faiss"
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import faiss  # noqa: F401
+        except ImportError as exc:
+            return f"faiss is not installed ({exc}); pip install faiss-cpu"
+        return None
+
+    def fit(self, index: np.ndarray) -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(cpu_count())
+        self._index = faiss.IndexFlatL2(index.shape[1])
+        self._index.add(np.ascontiguousarray(index, dtype=np.float32))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        sq, pos = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return to_euclidean(sq), pos.astype(np.int64)
+
+    def threads(self) -> dict[str, int]:
+        import faiss
+
+        return {**super().threads(), "faiss_omp": int(faiss.omp_get_max_threads())}
+
+
+class NumpyBackend(Backend):
+    """Blocked float32 GEMM with a cheap top-k: exact search near the CPU's GEMM ceiling."""
+
+    name = "numpy"
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import tasks.exact  # noqa: F401
+        except ImportError as exc:
+            return f"tasks.exact is missing ({exc})"
+        return None
+
+    def fit(self, index: np.ndarray) -> None:
+        from tasks.exact import prepare_index
+
+        self._prepared = prepare_index(index)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        from tasks.exact import search_prepared
+
+        dist, pos = search_prepared(self._prepared, queries, k)
+        return dist.astype(np.float32), pos.astype(np.int64)
+
+
+class CumlBackend(Backend):
+    """cuML brute force on the GPU; features go from Parquet to the device through cuDF."""
+
+    name = "cuml"
+    device = "gpu"
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import cupy
+        except ImportError as exc:
+            return f"CuPy is not installed ({exc}); pip install 'image-search[gpu]'"
+        try:
+            n = int(cupy.cuda.runtime.getDeviceCount())
+        except Exception as exc:  # CUDARuntimeError has no stable import path across versions
+            return f"no CUDA device available ({exc})"
+        if n == 0:
+            return "no CUDA device available"
+        try:
+            import cudf  # noqa: F401
+            import cuml  # noqa: F401
+        except ImportError as exc:
+            return f"cuDF/cuML are not installed ({exc}); pip install 'image-search[gpu]'"
+        return None
+
+    def load(self, path: Path) -> tuple[np.ndarray, Any]:
+        import cudf
+
+        df = cudf.read_parquet(str(path), columns=["image_id", "embedding"])
+        ids = df["image_id"].to_numpy()
+        leaves = df["embedding"].list.leaves.values  # a CuPy view of the float32 values
+        return ids, leaves.reshape(len(df), -1)
+
+    def fit(self, index: Any) -> None:
+        from cuml.neighbors import NearestNeighbors
+
+        self._nn = NearestNeighbors(algorithm="brute", metric="sqeuclidean", output_type="cupy")
+        self._nn.fit(index)
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import cupy
+
+        sq, pos = self._nn.kneighbors(queries, n_neighbors=k)
+        return cupy.asnumpy(to_euclidean(sq)), cupy.asnumpy(pos).astype(np.int64)
+
+    def sync(self) -> None:
+        import cupy
+
+        cupy.cuda.Device().synchronize()
+
+    def threads(self) -> dict[str, int]:
+        return {}
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {
+    "sklearn": SklearnBackend,
+    "faiss": FaissBackend,
+    "numpy": NumpyBackend,
+    "cuml": CumlBackend,
+}
+
+
+def make_backend(name: str) -> Backend:
+    """The backend called ``name``; an unknown name is a clear error listing the known ones."""
+    try:
+        return BACKENDS[name]()
+    except KeyError:
+        raise ImageSearchError(
+            f"Unknown backend {name!r}; choose from {', '.join(sorted(BACKENDS))}."
+        ) from None
+
+
+def choose_backends(requested: list[str] | None) -> list[str]:
+    """The backends to run: sklearn (the reference) first, then the requested ones.
+
+    Nothing requested: cuML where it can run; otherwise cuML is listed (so the run says why it
+    is unavailable) and FAISS stands in for it.
+    """
+    if requested:
+        for name in requested:
+            make_backend(name)
+        chosen = list(requested)
+    else:
+        chosen = ["cuml"] if CumlBackend().unavailable_reason() is None else ["cuml", "faiss"]
+    return [REFERENCE, *[b for b in chosen if b != REFERENCE]]
+
+
+class SearchRun(BaseModel):
+    """What one backend did: timings, threads and where its neighbours are stored."""
+
+    backend: str
+    device: str
+    available: bool
+    reason: str | None = None
+    path: str | None = None
+    n_queries: int = 0
+    k: int = 0
+    load_seconds: float = 0.0
+    fit_seconds: float = 0.0
+    search_seconds: float = 0.0
+    cores_used: float | None = None
+    threads: dict[str, int] = {}
+
+
+def validate_k(k: int, n_index: int) -> None:
+    """scikit-learn's wording: the exact numbers and the fix."""
+    if k < 1:
+        raise ImageSearchError(f"k = {k}; it must be at least 1.")
+    if k > n_index:
+        raise ImageSearchError(
+            f"Expected k <= n_index, but n_index = {n_index}, k = {k}; lower --k or use more "
+            f"images (--limit) or a larger --split-ratio."
+        )
+
+
+def run_backend(
+    backend: Backend, index_path: Path, query_path: Path, k: int, dest: Path
+) -> SearchRun:
+    """Load, warm up, then time fit and search separately; save neighbours to ``dest`` (.npz).
+
+    The saved neighbours are image ids, not row positions. Each CPU backend runs with all the
+    cores this process may use; ``cores_used`` is CPU time over wall time during the search.
+    """
+    from threadpoolctl import threadpool_limits
+
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        return SearchRun(
+            backend=backend.name, device=backend.device, available=False, reason=reason
+        )
+    t0 = time.perf_counter()
+    index_ids, index = backend.load(index_path)
+    query_ids, queries = backend.load(query_path)
+    backend.sync()
+    load_s = time.perf_counter() - t0
+    validate_k(k, len(index_ids))
+    with threadpool_limits(limits=cpu_count()):
+        warm = min(len(index_ids), max(k, 256))
+        backend.fit(index[:warm])
+        backend.search(queries[: min(len(query_ids), 16)], min(k, warm))
+        backend.sync()
+        t0 = time.perf_counter()
+        backend.fit(index)
+        backend.sync()
+        fit_s = time.perf_counter() - t0
+        c0, t0 = time.process_time(), time.perf_counter()
+        dist, pos = backend.search(queries, k)
+        backend.sync()
+        search_s = time.perf_counter() - t0
+        cpu_s = time.process_time() - c0
+        threads = backend.threads()
+    neighbor_ids = index_ids[pos]
+    with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+        np.savez(f, query_ids=query_ids, distances=dist, neighbor_ids=neighbor_ids)
+    return SearchRun(
+        backend=backend.name,
+        device=backend.device,
+        available=True,
+        path=str(dest),
+        n_queries=len(query_ids),
+        k=k,
+        load_seconds=load_s,
+        fit_seconds=fit_s,
+        search_seconds=search_s,
+        cores_used=round(cpu_s / search_s, 2) if backend.device == "cpu" and search_s > 0 else None,
+        threads=threads,
+    )
+
+
+def load_neighbors(run: SearchRun) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query_ids (n,), distances (n, k) float32, neighbor_ids (n, k) int64) of a finished run."""
+    if run.path is None:
+        raise ValueError(f"backend {run.backend} did not run: {run.reason}")
+    with np.load(run.path) as z:
+        return z["query_ids"], z["distances"], z["neighbor_ids"]
+
+
+def search_features(features: Features, out: Path, backend_name: str, k: int) -> SearchRun:
+    """Run one backend over the feature files unless it already ran on the same inputs."""
+    validate_k(k, features.index.rows)
+    backend = make_backend(backend_name)
+    dest = out / KNN_DIR / f"{backend_name}.npz"
+    key = fingerprint(
+        "knn-v1", features.index.fingerprint, features.query.fingerprint, backend_name, k
+    )
+    stage = f"knn-{backend_name}"
+    done = stage_is_done(out, stage, key, [dest])
+    if done is not None:
+        return SearchRun.model_validate(done["run"])
+    run = run_backend(backend, features.index.path, features.query.path, k, dest)
+    if run.available:
+        mark_stage_done(out, stage, key, run=run.model_dump())
+    return run
+
+
+@task(cache_policy=NO_CACHE)
+def knn(features: Features, out: str, backend: str, k: int) -> SearchRun:
+    """Prefect task: one backend's exact search; an unavailable backend is reported, not fatal."""
+    run = search_features(features, Path(out), backend, k)
+    logger = get_run_logger()
+    if run.available:
+        logger.info(
+            "%s: fit %.4f s, search %.4f s, %s cores",
+            backend,
+            run.fit_seconds,
+            run.search_seconds,
+            run.cores_used,
+        )
+    else:
+        logger.warning("backend %s unavailable: %s", backend, run.reason)
+    return run

@@ -1,0 +1,72 @@
+"""The built-in offline sample: real photographs cut into STL-10-format images.
+
+scikit-learn ships two photographs (``china.jpg``, ``flower.jpg``). Cropping them at varied
+offsets and scales gives thousands of 96×96 images where near neighbours are genuinely similar
+(overlapping crops of the same scene), written in the exact STL-10 binary layout so the sample
+goes through the same decode path as the real file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tasks.common import IMAGE_BYTES, DataRef, atomic_path, ensure_writable_dir, file_digest
+
+SAMPLE_IMAGES = 2000
+SAMPLE_VERSION = "v1"
+SAMPLE_DIR = f"sample-{SAMPLE_VERSION}"
+SAMPLE_FILE = "unlabeled_X.bin"
+
+
+def _photographs() -> list[Image.Image]:
+    """The photographs scikit-learn installs with itself, as RGB images (427×640)."""
+    import sklearn.datasets
+
+    folder = Path(sklearn.datasets.__file__).parent / "images"
+    return [Image.open(folder / name).convert("RGB") for name in ("china.jpg", "flower.jpg")]
+
+
+def to_stl10_bytes(images: np.ndarray) -> bytes:
+    """Encode NHWC uint8 images of shape (N, 96, 96, 3) in STL-10's layout.
+
+    STL-10 stores each image channel by channel, each channel column-major; the decode view
+    ``reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)`` is its own inverse permutation.
+    """
+    if images.ndim != 4 or images.shape[1:] != (96, 96, 3) or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images of shape (N, 96, 96, 3), got {images.shape}")
+    return np.ascontiguousarray(images.transpose(0, 3, 2, 1)).tobytes()
+
+
+def make_sample_images(n: int = SAMPLE_IMAGES, seed: int = 0) -> np.ndarray:
+    """Deterministic 96×96 crops of the shipped photographs, shape (n, 96, 96, 3) uint8.
+
+    Crop sides are log-uniform between 96 px and the photo's height; a quarter are mirrored.
+    """
+    rng = np.random.default_rng(seed)
+    photos = _photographs()
+    out = np.empty((n, 96, 96, 3), dtype=np.uint8)
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        side = int(np.exp(rng.uniform(np.log(96), np.log(min(w, h)))))
+        x = int(rng.integers(0, w - side + 1))
+        y = int(rng.integers(0, h - side + 1))
+        crop = photo.crop((x, y, x + side, y + side)).resize((96, 96), Image.Resampling.BILINEAR)
+        arr = np.asarray(crop, dtype=np.uint8)
+        if rng.random() < 0.25:
+            arr = arr[:, ::-1]
+        out[i] = arr
+    return out
+
+
+def ensure_sample(data_dir: Path, n: int = SAMPLE_IMAGES) -> DataRef:
+    """Write the sample into ``data_dir`` once (atomically) and return a reference to it."""
+    folder = ensure_writable_dir(data_dir / SAMPLE_DIR, "Data cache")
+    target = folder / SAMPLE_FILE
+    if not target.exists() or target.stat().st_size != n * IMAGE_BYTES:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(to_stl10_bytes(make_sample_images(n)))
+    return DataRef(uri=str(target), rows=n, fingerprint=f"sample-{file_digest(target)[:12]}")

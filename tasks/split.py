@@ -1,0 +1,93 @@
+"""Seeded split of the images into an index (searched) and queries (searching)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common import (
+    DataRef,
+    ImageSearchError,
+    atomic_path,
+    fingerprint,
+    mark_stage_done,
+    stage_is_done,
+)
+
+SPLIT_FILE = "split.parquet"
+
+
+def split_ids(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle ``range(n)`` with ``seed``; the first ``round(n * ratio)`` form the index.
+
+    Returns (index_ids, query_ids), each int64 and sorted so reads follow the file order.
+    """
+    if not 0.0 < ratio < 1.0:
+        raise ImageSearchError(f"split_ratio = {ratio}; it must lie strictly between 0 and 1.")
+    n_index = round(n * ratio)
+    n_query = n - n_index
+    if n_index < 1 or n_query < 1:
+        raise ImageSearchError(
+            f"split_ratio = {ratio} of {n} images leaves {n_index} index and {n_query} query "
+            f"images; both need at least one. Use more images or a ratio nearer 0.5."
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[:n_index]).astype(np.int64), np.sort(perm[n_index:]).astype(np.int64)
+
+
+def write_split(path: Path, index_ids: np.ndarray, query_ids: np.ndarray) -> None:
+    """Write ``split.parquet``: one row per image, (image_id int64, split 'index'|'query')."""
+    ids = np.concatenate([index_ids, query_ids])
+    labels = np.array(["index"] * len(index_ids) + ["query"] * len(query_ids))
+    order = np.argsort(ids, kind="stable")
+    table = pa.table(
+        {
+            "image_id": pa.array(ids[order], type=pa.int64()),
+            "split": pa.array(labels[order]).dictionary_encode(),
+        }
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``split.parquet`` back into sorted (index_ids, query_ids)."""
+    table = pq.read_table(path)
+    ids = table.column("image_id").to_numpy()
+    labels = np.asarray(table.column("split").to_pylist())
+    return ids[labels == "index"], ids[labels == "query"]
+
+
+class SplitRef(DataRef):
+    """Reference to ``split.parquet`` with the size of each side."""
+
+    n_index: int
+    n_query: int
+
+
+def split_dataset(dataset: DataRef, out: Path, ratio: float, seed: int) -> SplitRef:
+    """Split ``dataset`` into ``out/split.parquet`` unless the same split is already there."""
+    path = out / SPLIT_FILE
+    key = fingerprint("split", dataset.fingerprint, dataset.rows, ratio, seed)
+    index_ids, query_ids = split_ids(dataset.rows, ratio, seed)
+    if stage_is_done(out, "split", key, [path]) is None:
+        write_split(path, index_ids, query_ids)
+        mark_stage_done(out, "split", key)
+    return SplitRef(
+        uri=str(path),
+        rows=dataset.rows,
+        fingerprint=key,
+        n_index=len(index_ids),
+        n_query=len(query_ids),
+    )
+
+
+@task(cache_policy=NO_CACHE)
+def split(dataset: DataRef, out: str, ratio: float, seed: int) -> SplitRef:
+    """Prefect task: the index/query split as a reference to ``split.parquet``."""
+    return split_dataset(dataset, Path(out), ratio, seed)
