@@ -1,0 +1,130 @@
+"""Against a real ``prefect server``: both pools created from infra/, ``prefect --no-prompt deploy
+--all`` from a fresh clone, then the deployments, schedules and parameter form read back through
+the API, and the Job the Kubernetes worker would submit for a `gpu` run rendered by the worker's
+own code path (``resolve_for_flow_run``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from prefect.client.orchestration import PrefectClient
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+from flows.params import SearchParams
+from tests.deploy.conftest import Deployed
+from tests.deploy.helpers import load_pool_template
+
+pytestmark = pytest.mark.slow
+
+
+def deployment(deployed: Deployed, name: str) -> dict[str, Any]:
+    return deployed.server.get(f"/deployments/name/image-search/{name}")
+
+
+def test_pools_are_created_from_the_repos_files(deployed: Deployed) -> None:
+    """The Kubernetes pool holds infra/work-pool-kubernetes.json as is; `local` runs processes."""
+    gpu_pool = deployed.server.get("/work_pools/kubernetes-gpu")
+    assert gpu_pool["type"] == "kubernetes"
+    assert gpu_pool["base_job_template"] == load_pool_template()
+    assert deployed.server.get("/work_pools/local")["type"] == "process"
+
+
+def test_deploy_all_needs_no_docker(deployed: Deployed) -> None:
+    """The image build is skipped and the gpu deployment names the image of the commit."""
+    assert "Not building image-search:" in deployed.deploy_output
+    gpu = deployment(deployed, "gpu")
+    assert gpu["job_variables"]["image"] == f"image-search:{deployed.sha}"
+
+
+def test_deployments_point_at_their_pools_and_code(deployed: Deployed) -> None:
+    """gpu on the Kubernetes pool with its job variables; local on the process pool, pulled from
+    the checkout it was deployed from."""
+    gpu, local = deployment(deployed, "gpu"), deployment(deployed, "local")
+    for found in (gpu, local):
+        assert found["entrypoint"] == "flows/image_search.py:image_search"
+        assert found["pull_steps"] == [
+            {
+                "prefect.deployments.steps.set_working_directory": {
+                    "directory": "{{ $IMAGE_SEARCH_HOME }}"
+                }
+            }
+        ]
+    assert gpu["work_pool_name"] == "kubernetes-gpu"
+    assert gpu["job_variables"]["gpu_count"] == 1
+    assert gpu["job_variables"]["eci_instance_type"] == "ecs.gn6i-c4g1.xlarge"
+    assert gpu["parameters"]["params"]["weights"] == "imagenet"
+    assert local["work_pool_name"] == "local"
+    assert local["job_variables"] == {"env": {"IMAGE_SEARCH_HOME": str(deployed.checkout)}}
+    assert local["parameters"]["params"]["source"] == "sample"
+
+
+def test_gpu_runs_on_a_schedule_local_on_demand(deployed: Deployed) -> None:
+    """A weekly cron for gpu, with runs already scheduled; none for local."""
+    gpu, local = deployment(deployed, "gpu"), deployment(deployed, "local")
+    (schedule,) = gpu["schedules"]
+    assert schedule["active"] is True
+    assert schedule["schedule"]["cron"] == "0 3 * * 1"
+    assert schedule["schedule"]["timezone"] == "UTC"
+    assert local["schedules"] == []
+
+
+def test_run_form_describes_every_parameter(deployed: Deployed) -> None:
+    """The UI builds the run form from this schema: every field of SearchParams, described."""
+    for name in ("gpu", "local"):
+        schema = deployment(deployed, name)["parameter_openapi_schema"]
+        assert list(schema["properties"]) == ["params"]
+        assert schema["properties"]["params"]["$ref"] == "#/definitions/SearchParams"
+        fields = schema["definitions"]["SearchParams"]["properties"]
+        assert set(fields) == set(SearchParams.model_fields)
+        undescribed = [f for f, spec in fields.items() if not spec.get("description", "").strip()]
+        assert undescribed == [], f"{name}: no description for {undescribed}"
+
+
+def render_for_run(deployed: Deployed, job_variables: dict[str, Any]) -> dict[str, Any]:
+    """Create a gpu flow run with per-run job variables and resolve its Job as the worker does."""
+
+    async def resolve() -> dict[str, Any]:
+        async with PrefectClient(deployed.server.api_url) as client:
+            found = await client.read_deployment_by_name("image-search/gpu")
+            run = await client.create_flow_run_from_deployment(
+                found.id, job_variables=job_variables
+            )
+            pool = await client.read_work_pool("kubernetes-gpu")
+            configuration = await KubernetesWorkerJobConfiguration.resolve_for_flow_run(
+                run, client=client, work_pool=pool, worker_name="test-worker"
+            )
+            await client.delete_flow_run(run.id)
+            return configuration.job_manifest
+
+    # The worker's own PREFECT_API_URL is this loopback server.
+    with temporary_settings({PREFECT_API_URL: deployed.server.api_url}):
+        return asyncio.run(resolve())
+
+
+def test_worker_renders_the_gpu_job_with_a_per_run_gpu_count(deployed: Deployed) -> None:
+    """Deployment defaults, then a run that asks for 2 GPUs: the worker's Job follows the run."""
+    default = render_for_run(deployed, {})
+    override = render_for_run(deployed, {"gpu_count": 2})
+    for job, gpus in ((default, 1), (override, 2)):
+        pod = job["spec"]["template"]
+        (container,) = pod["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
+        assert container["image"] == f"image-search:{deployed.sha}"
+        assert pod["spec"]["nodeSelector"] == {"type": "virtual-kubelet"}
+        assert pod["spec"]["tolerations"] == [
+            {"key": "virtual-kubelet.io/provider", "operator": "Exists"}
+        ]
+        assert pod["metadata"]["annotations"]["k8s.aliyun.com/eci-instance-type"] == (
+            "ecs.gn6i-c4g1.xlarge"
+        )
+        assert env["PREFECT_API_URL"] == (
+            "http://prefect-server.prefect.svc.cluster.local:4200/api"
+        )
+        assert env["PREFECT_API_URL"] != deployed.server.api_url
+        assert job["metadata"]["labels"]["prefect.io/deployment-name"] == "gpu"
+        assert kubernetes_validate.validate(job, kubernetes_validate.latest_version())
