@@ -6,6 +6,8 @@ Without ``PREFECT_API_URL`` Prefect starts a temporary local API server for the 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import types
 import typing
@@ -102,6 +104,27 @@ def format_validation_error(exc: ValidationError) -> str:
     return "invalid parameters:\n  " + "\n  ".join(lines)
 
 
+class _UserErrorWithoutTraceback(logging.Filter):
+    """Console logs show a user-fixable error as its message alone, not as a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ImageSearchError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_console_tracebacks() -> None:
+    """Attach the filter to every console handler Prefect configured."""
+    loggers = [logging.getLogger(), *map(logging.getLogger, list(logging.root.manager.loggerDict))]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and not any(
+                isinstance(f, _UserErrorWithoutTraceback) for f in handler.filters
+            ):
+                handler.addFilter(_UserErrorWithoutTraceback())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``image-search`` console script; returns the exit code."""
     parser = build_parser()
@@ -113,8 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"image-search: error: {format_validation_error(exc)}", file=sys.stderr)
         return 2
+    if not os.environ.get("PREFECT_API_URL"):
+        # The temporary local server need not report usage; a user's setting still wins.
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from flows.image_search import image_search
 
+    if not show_traceback:
+        _quiet_console_tracebacks()
     try:
         outputs = image_search(params)
     except ImageSearchError as exc:

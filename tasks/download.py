@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -21,17 +22,18 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from filelock import FileLock, Timeout
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 from tqdm import tqdm
 
 from tasks.common import (
     IMAGE_BYTES,
     DataRef,
     ImageSearchError,
-    atomic_path,
     ensure_writable_dir,
     file_digest,
     quick_file_fingerprint,
@@ -219,10 +221,32 @@ def extract_members(
     """Stream ``tarball`` once and extract just the named members (by base name) into ``dest_dir``.
 
     Every member is checked; the whole tarball is refused if any would land outside
-    ``dest_dir`` (absolute path, ``..``, links). Each extracted file is MD5-checked while it is
-    written and renamed into place only when it matches.
+    ``dest_dir`` (absolute path, ``..``, links). Each file is MD5-checked while it is written to
+    a temporary name; all are renamed into place only after the whole archive passed.
     """
     found: dict[str, Path] = {}
+    staged: list[tuple[Path, Path]] = []
+    try:
+        _extract_pass(tarball, dest_dir, members, found, staged)
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    missing = sorted(set(members) - set(found))
+    if missing:
+        raise ImageSearchError(f"{tarball} holds no {', '.join(missing)}; it is not STL-10.")
+    return found
+
+
+def _extract_pass(
+    tarball: Path,
+    dest_dir: Path,
+    members: dict[str, str | None],
+    found: dict[str, Path],
+    staged: list[tuple[Path, Path]],
+) -> None:
+    """One streaming pass over ``tarball``: check every member, stage the wanted ones."""
     try:
         with tarfile.open(tarball, mode="r|gz") as tar:
             for member in tar:
@@ -239,17 +263,21 @@ def extract_members(
                 if src is None:  # pragma: no cover - isfile() guarantees a stream
                     continue
                 target = dest_dir / base
+                dest_dir.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=dest_dir)
+                tmp = Path(name)
+                staged.append((tmp, target))
                 digest = hashlib.md5()
-                with atomic_path(target) as tmp, src, open(tmp, "wb") as out:
+                with src, os.fdopen(fd, "wb") as out:
                     while block := src.read(CHUNK):
                         digest.update(block)
                         out.write(block)
-                    out.flush()
-                    want = members[base]
-                    if want is not None and digest.hexdigest() != want:
-                        raise ImageSearchError(
-                            f"{base} in {tarball} has MD5 {digest.hexdigest()}, expected {want}."
-                        )
+                os.chmod(tmp, 0o644)
+                want = members[base]
+                if want is not None and digest.hexdigest() != want:
+                    raise ImageSearchError(
+                        f"{base} in {tarball} has MD5 {digest.hexdigest()}, expected {want}."
+                    )
                 found[base] = target
     except (tarfile.TarError, EOFError, OSError) as exc:
         if isinstance(exc, ImageSearchError):
@@ -258,10 +286,6 @@ def extract_members(
             f"Cannot read {tarball}: {exc}. The tarball is truncated or corrupt; delete it and "
             f"download again."
         ) from exc
-    missing = sorted(set(members) - set(found))
-    if missing:
-        raise ImageSearchError(f"{tarball} holds no {', '.join(missing)}; it is not STL-10.")
-    return found
 
 
 def _verified_record(data_dir: Path) -> Path:
@@ -415,11 +439,20 @@ def _from_folder(folder: Path, data_dir: Path, checksums: Checksums) -> DataRef:
     )
 
 
-@task(retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
+def _retry_transient(task: Any, task_run: Any, state: State) -> bool:
+    """Retry only network trouble; a bad URL, checksum or tarball fails at once."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, TransientDownloadError) or not isinstance(exc, ImageSearchError)
+
+
+@task(
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=_retry_transient,
+    cache_policy=NO_CACHE,
+)
 def download(source: str, data_dir: str | None) -> DataRef:
     """Prefect task: fetch and verify the dataset (network I/O, so it alone retries)."""
     ref = download_and_extract(source, Path(data_dir) if data_dir else None)
-    get_run_logger().info(
-        "dataset %s: %d images (fingerprint %s)", ref.uri, ref.rows, ref.fingerprint
-    )
+    get_run_logger().info("dataset %s: %d images (%s)", ref.uri, ref.rows, ref.fingerprint)
     return ref

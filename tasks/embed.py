@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import subprocess
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -175,10 +176,14 @@ def build_model(weights: str, seed: int = 0) -> tuple[Any, ModelInfo]:
     else:
         path = Path(weights).expanduser()
         weights_identity(weights)  # clear error for a missing file
+    model = keras.applications.ResNet50(weights=None, **kwargs)
     try:
-        model = keras.applications.ResNet50(weights=None, **kwargs)
-        model.load_weights(str(path))
-    except (ValueError, OSError, KeyError) as exc:
+        # Keras only *warns* when parts of a file match no layer and keeps random weights
+        # there; a partial load would silently give meaningless features, so it is an error.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            model.load_weights(str(path))
+    except (ValueError, OSError, KeyError, UserWarning) as exc:
         raise ImageSearchError(
             f"weights file {path} does not fit ResNet50 without its top ({exc}); it must be "
             f"{WEIGHTS_FILE} or weights saved from the same architecture."

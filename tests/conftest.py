@@ -1,0 +1,200 @@
+"""Shared fixtures: a sealed environment (no traffic off 127.0.0.1, caches in tmp), generated
+STL-10 files and tarballs, and a local HTTP server with Range support that misbehaves on
+command."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from tasks.sample import to_stl10_bytes
+
+# Before anything imports Prefect or TensorFlow: keep every byte on this machine.
+os.environ.update(
+    {
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` tests, with the reason, where no CUDA device and RAPIDS are present."""
+    from tasks.knn import CumlBackend
+
+    reason = CumlBackend().unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU with cuML/cuDF: {reason}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each test gets its own data cache and Keras home, never the user's."""
+    base = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("IMAGE_SEARCH_DATA", str(base / "data"))
+    monkeypatch.setenv("KERAS_HOME", str(base / "keras"))
+
+
+def pattern_images(n: int, seed: int = 0) -> np.ndarray:
+    """Random NHWC uint8 images of shape (n, 96, 96, 3)."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 96, 96, 3), dtype=np.uint8)
+
+
+@dataclass
+class FakeStl10:
+    """A generated STL-10 tarball and the MD5 sums that go with it."""
+
+    tarball: bytes
+    images: np.ndarray
+    unlabeled: bytes = field(repr=False)
+
+    @property
+    def tar_md5(self) -> str:
+        return hashlib.md5(self.tarball).hexdigest()
+
+    @property
+    def bin_md5(self) -> str:
+        return hashlib.md5(self.unlabeled).hexdigest()
+
+    def checksums(self):  # type: ignore[no-untyped-def]
+        from tasks.download import Checksums
+
+        return Checksums(tarball=self.tar_md5, members={"unlabeled_X.bin": self.bin_md5})
+
+
+def make_tarball(members: dict[str, bytes], extra: list[tarfile.TarInfo] | None = None) -> bytes:
+    """A gzip tarball with ``members`` (name -> bytes) and optional raw (e.g. link) entries."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for info in extra or []:
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def make_fake_stl10(n: int = 40, seed: int = 0) -> FakeStl10:
+    """An archive laid out like stl10_binary.tar.gz holding ``n`` random images."""
+    images = pattern_images(n, seed)
+    unlabeled = to_stl10_bytes(images)
+    tarball = make_tarball(
+        {
+            "stl10_binary/class_names.txt": b"airplane\nbird\n",
+            "stl10_binary/train_y.bin": bytes([1, 2, 3]),
+            "stl10_binary/unlabeled_X.bin": unlabeled,
+        }
+    )
+    return FakeStl10(tarball=tarball, images=images, unlabeled=unlabeled)
+
+
+@pytest.fixture(scope="session")
+def fake_stl10() -> FakeStl10:
+    return make_fake_stl10()
+
+
+class LocalServer:
+    """Serves ``files`` on 127.0.0.1 with HTTP Range support; can misbehave on command.
+
+    ``cut_after[path] = n``: the next response for ``path`` sends n bytes and drops the connection.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.cut_after: dict[str, int] = {}
+        self.fail_status: dict[str, list[int]] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                rng = self.headers.get("Range")
+                server.requests.append((self.path, rng))
+                statuses = server.fail_status.get(self.path)
+                if statuses:
+                    self.send_error(statuses.pop(0))
+                    return
+                data = server.files.get(self.path)
+                if data is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                if rng and rng.startswith("bytes="):
+                    start = int(rng[6:].split("-")[0])
+                    if start >= len(data):
+                        self.send_error(416)
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                cut = server.cut_after.pop(self.path, None)
+                if cut is not None:
+                    self.wfile.write(body[:cut])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def __enter__(self) -> LocalServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def http_server() -> Iterator[LocalServer]:
+    with LocalServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect API (SQLite in tmp) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

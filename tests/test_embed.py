@@ -1,0 +1,162 @@
+"""ResNet50 features: Parquet schema and metadata, resume after interruption, weights errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+import tasks.embed as embed_mod
+from tasks.common import DataRef, ImageSearchError
+from tasks.embed import (
+    DIM,
+    build_model,
+    embed_split,
+    extract_features,
+    keras_weights_path,
+    load_features,
+    make_forward,
+    read_metadata,
+)
+from tasks.sample import to_stl10_bytes
+from tasks.split import split_dataset
+from tests.conftest import pattern_images
+
+
+@pytest.fixture(scope="module")
+def forward() -> Callable[[np.ndarray], np.ndarray]:
+    model, _ = build_model("none", seed=0)
+    return make_forward(model)
+
+
+def fake_forward(calls: list[int]) -> Callable[[np.ndarray], np.ndarray]:
+    """A stand-in model for streaming tests: features derived from the pixels, calls counted."""
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        means = batch.reshape(len(batch), -1)[:, :DIM].astype(np.float32)
+        return means
+
+    return run
+
+
+def test_forward_shapes_and_preprocessing(forward: Callable[[np.ndarray], np.ndarray]) -> None:
+    images = pattern_images(5)
+    out = forward(images)
+    assert out.shape == (5, DIM) and out.dtype == np.float32
+    assert np.all(out >= 0)  # max pooling over ReLU outputs
+    # Batching does not change an image's features (beyond float noise).
+    np.testing.assert_allclose(forward(images[:2]), out[:2], rtol=1e-4, atol=1e-4)
+
+
+def test_extract_features_files_load_everywhere(tmp_path: Path) -> None:
+    data = tmp_path / "imgs.bin"
+    data.write_bytes(to_stl10_bytes(pattern_images(30)))
+    dataset = DataRef(uri=str(data), rows=30, fingerprint="fp-30")
+    split = split_dataset(dataset, tmp_path, 0.8, seed=0)
+    feats = extract_features(dataset, split, tmp_path, "none", batch_size=8, progress=False)
+    index_path = tmp_path / "features" / "index.parquet"
+    assert feats.index.uri == str(index_path) and feats.index.rows == 24 and feats.query.rows == 6
+    schema = pq.read_schema(index_path)
+    assert str(schema.field("image_id").type) == "int64"
+    assert str(schema.field("embedding").type) == "fixed_size_list<element: float>[2048]"
+    meta = read_metadata(index_path)
+    assert meta["model"] == "keras.applications.ResNet50" and meta["pooling"] == "max"
+    assert meta["weights"] == "none" and meta["random_init"] is True
+    assert "NOT meaningful" in meta["weights_detail"]
+    assert meta["preprocessing"].startswith("keras.applications.resnet50.preprocess_input")
+    assert meta["input_shape"] == [96, 96, 3] and meta["source_fingerprint"] == "fp-30"
+    assert meta["tensorflow"] and meta["keras"] and meta["split"] == "index"
+    ids, emb = load_features(index_path)
+    assert emb.shape == (24, DIM) and emb.dtype == np.float32
+    # The same file through pandas, DuckDB and Polars.
+    frame = pd.read_parquet(index_path)
+    assert frame["image_id"].tolist() == ids.tolist()
+    np.testing.assert_array_equal(np.stack(frame["embedding"].to_numpy()), emb)
+    n, width = duckdb.sql(f"select count(*), max(len(embedding)) from '{index_path}'").fetchall()[0]
+    assert (n, width) == (24, DIM)
+    pl_frame = pl.read_parquet(index_path)
+    assert pl_frame.height == 24
+    np.testing.assert_array_equal(pl_frame["embedding"].to_numpy()[3], emb[3])
+    # A rerun with the same inputs writes nothing.
+    mtime = index_path.stat().st_mtime_ns
+    again = extract_features(dataset, split, tmp_path, "none", batch_size=8, progress=False)
+    assert again.device == "cached" and index_path.stat().st_mtime_ns == mtime
+
+
+def test_interrupted_embedding_resumes_at_first_missing_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(embed_mod, "ROWS_PER_PART", 10)
+    images = pattern_images(35)
+    ids = np.arange(35, dtype=np.int64)
+    dest = tmp_path / "features" / "index.parquet"
+    calls: list[int] = []
+
+    class Killed(Exception):
+        pass
+
+    def dying(batch: np.ndarray) -> np.ndarray:
+        if sum(calls) >= 20:  # dies inside the third part
+            raise Killed
+        return fake_forward(calls)(batch)
+
+    with pytest.raises(Killed):
+        embed_split(images, ids, dying, dest, "k1", {}, batch_size=5, progress=False)
+    assert not dest.exists()
+    parts = sorted(p.name for p in (tmp_path / "features" / ".index.parts-k1").iterdir())
+    assert parts == ["part-00000.parquet", "part-00001.parquet"]
+    resumed: list[int] = []
+    embed_split(
+        images, ids, fake_forward(resumed), dest, "k1", {"m": 1}, batch_size=5, progress=False
+    )
+    assert sum(resumed) == 15  # only the missing 15 images were embedded again
+    clean: list[int] = []
+    full = tmp_path / "clean.parquet"
+    embed_split(
+        images, ids, fake_forward(clean), full, "k1", {"m": 1}, batch_size=5, progress=False
+    )
+    a, b = pq.read_table(dest), pq.read_table(full)
+    assert a.equals(b)
+    assert pq.ParquetFile(dest).metadata.num_row_groups == 4
+    assert not (tmp_path / "features" / ".index.parts-k1").exists()
+    assert json.loads(pq.read_schema(dest).metadata[b"image_search"])["rows"] == 35
+
+
+def test_imagenet_weights_missing_says_where_to_put_them() -> None:
+    with pytest.raises(ImageSearchError) as info:
+        build_model("imagenet")
+    text = str(info.value)
+    assert str(keras_weights_path()) in text
+    assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in text
+    assert "--weights none" in text
+
+
+def test_weights_path_missing_or_wrong_architecture(tmp_path: Path) -> None:
+    with pytest.raises(ImageSearchError, match=r"weights = '.*nope.h5': no such file"):
+        build_model(str(tmp_path / "nope.h5"))
+    import keras
+
+    small = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    path = tmp_path / "small.weights.h5"
+    small.save_weights(str(path))
+    with pytest.raises(ImageSearchError, match="does not fit ResNet50"):
+        build_model(str(path))
+
+
+def test_weights_file_round_trip(tmp_path: Path, forward: Any) -> None:
+    model, _ = build_model("none", seed=0)
+    path = tmp_path / "resnet.weights.h5"
+    model.save_weights(str(path))
+    loaded, info = build_model(str(path))
+    assert info.weights == str(path) and info.weights_detail.startswith("loaded from")
+    images = pattern_images(2)
+    np.testing.assert_allclose(make_forward(loaded)(images), forward(images), rtol=1e-5, atol=1e-5)

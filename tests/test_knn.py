@@ -1,0 +1,160 @@
+"""Every KNN backend against a float64 NumPy brute-force reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.common import ImageSearchError
+from tasks.embed import _table, _write_parquet
+from tasks.knn import (
+    BACKENDS,
+    CumlBackend,
+    choose_backends,
+    load_neighbors,
+    make_backend,
+    run_backend,
+    to_euclidean,
+    validate_k,
+)
+
+
+def reference(index: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact float64 brute force: (distances (nq, k), positions (nq, k)), ties by lower index."""
+    d = np.sqrt(((queries[:, None, :].astype(np.float64) - index[None, :, :]) ** 2).sum(-1))
+    pos = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, pos, axis=1), pos
+
+
+def features(n: int, d: int, seed: int) -> np.ndarray:
+    """Non-negative float32 features shaped like ResNet max-pool outputs, with duplicates."""
+    rng = np.random.default_rng(seed)
+    x = np.maximum(rng.normal(size=(n, d)), 0).astype(np.float32) * 3
+    x[5] = x[4]  # exact duplicates make ties
+    return x
+
+
+def assert_matches_reference(
+    dist: np.ndarray, ids: np.ndarray, ref_d: np.ndarray, ref_i: np.ndarray, index: np.ndarray
+) -> None:
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-3)
+    differ = ids != ref_i
+    if differ.any():  # only ties may reorder: the neighbours found must be as close
+        rows, cols = np.nonzero(differ)
+        np.testing.assert_allclose(dist[rows, cols], ref_d[rows, cols], rtol=1e-4, atol=1e-3)
+
+
+def test_to_euclidean_converts_squared_distances() -> None:
+    sq = np.array([[0.0, 4.0, 9.0], [-1e-6, 2.25, 1e4]], dtype=np.float32)
+    np.testing.assert_array_equal(to_euclidean(sq), [[0, 2, 3], [0, 1.5, 100]])
+    assert to_euclidean(sq).dtype == np.float32
+
+
+@pytest.mark.parametrize("name", ["sklearn", "faiss", "numpy"])
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_cpu_backends_equal_float64_reference(name: str, k: int, tmp_path: Path) -> None:
+    index = features(300, 64, seed=1)
+    queries = np.concatenate([features(40, 64, seed=2), index[4:6]])  # queries that hit ties
+    ids_index = np.arange(1000, 1300, dtype=np.int64)  # image ids are not row positions
+    ids_query = np.arange(5000, 5042, dtype=np.int64)
+    ipath, qpath = tmp_path / "index.parquet", tmp_path / "query.parquet"
+    _write_dim(index, ids_index, ipath)
+    _write_dim(queries, ids_query, qpath)
+    backend = make_backend(name)
+    if backend.unavailable_reason():
+        pytest.skip(backend.unavailable_reason())
+    run = run_backend(backend, ipath, qpath, k, tmp_path / f"{name}.npz")
+    assert run.available and run.k == k and run.n_queries == 42
+    assert run.fit_seconds >= 0 and run.search_seconds > 0
+    qids, dist, nids = load_neighbors(run)
+    np.testing.assert_array_equal(qids, ids_query)
+    assert dist.dtype == np.float32 and nids.dtype == np.int64 and dist.shape == (42, k)
+    ref_d, ref_pos = reference(index, queries, k)
+    assert_matches_reference(dist, nids, ref_d, ids_index[ref_pos], index)
+    # A query identical to an index image finds it at distance zero.
+    assert dist[-2, 0] == pytest.approx(0, abs=1e-3)
+
+
+def _write_dim(x: np.ndarray, ids: np.ndarray, path: Path) -> None:
+    """Write features of any width (the pipeline's schema fixes 2048) for small tests."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = pa.array(x.reshape(-1))
+    table = pa.table(
+        {
+            "image_id": pa.array(ids),
+            "embedding": pa.FixedSizeListArray.from_arrays(values, x.shape[1]),
+        }
+    )
+    pq.write_table(table, path)
+
+
+def test_pipeline_width_features_round_trip(tmp_path: Path) -> None:
+    x = features(20, 2048, seed=3)
+    _write_parquet(_table(np.arange(20), x), tmp_path / "f.parquet")
+    run = run_backend(
+        make_backend("sklearn"),
+        tmp_path / "f.parquet",
+        tmp_path / "f.parquet",
+        2,
+        tmp_path / "s.npz",
+    )
+    _, dist, nids = load_neighbors(run)
+    # Each image is its own nearest neighbour; images 4 and 5 are duplicates, so a tie.
+    unique = [i for i in range(20) if i not in (4, 5)]
+    np.testing.assert_array_equal(nids[unique, 0], unique)
+    assert set(nids[[4, 5], 0].tolist()) <= {4, 5}
+    assert set(nids[[4, 5], :2].reshape(-1).tolist()) == {4, 5}
+    assert np.all(dist[:, 0] < 1e-2)
+
+
+def test_validate_k_message() -> None:
+    with pytest.raises(ImageSearchError, match="Expected k <= n_index, but n_index = 5, k = 6"):
+        validate_k(6, 5)
+    with pytest.raises(ImageSearchError, match="k = 0; it must be at least 1"):
+        validate_k(0, 5)
+
+
+def test_unknown_backend_and_default_choice() -> None:
+    with pytest.raises(
+        ImageSearchError, match="Unknown backend 'annoy'; choose from cuml, faiss, numpy, sklearn"
+    ):
+        make_backend("annoy")
+    assert choose_backends(["faiss", "sklearn"]) == ["sklearn", "faiss"]
+    auto = choose_backends(None)
+    assert auto[0] == "sklearn"
+    if CumlBackend().unavailable_reason() is None:
+        assert auto == ["sklearn", "cuml"]
+    else:
+        assert auto == ["sklearn", "cuml", "faiss"]
+    assert set(BACKENDS) == {"sklearn", "faiss", "numpy", "cuml"}
+
+
+def test_unavailable_backend_is_reported_not_fatal(tmp_path: Path) -> None:
+    backend = CumlBackend()
+    reason = backend.unavailable_reason()
+    if reason is None:
+        pytest.skip("cuML can run here")
+    run = run_backend(
+        backend, tmp_path / "none.parquet", tmp_path / "none.parquet", 3, tmp_path / "c.npz"
+    )
+    assert not run.available
+    assert run.reason == reason
+    assert "CUDA" in reason or "not installed" in reason
+
+
+@pytest.mark.gpu
+def test_cuml_equals_float64_reference(tmp_path: Path) -> None:
+    index = features(2000, 2048, seed=5)
+    queries = features(100, 2048, seed=6)
+    ipath, qpath = tmp_path / "index.parquet", tmp_path / "query.parquet"
+    _write_parquet(_table(np.arange(2000), index), ipath)
+    _write_parquet(_table(np.arange(2000, 2100), queries), qpath)
+    run = run_backend(CumlBackend(), ipath, qpath, 3, tmp_path / "cuml.npz")
+    assert run.available, run.reason
+    _, dist, nids = load_neighbors(run)
+    ref_d, ref_pos = reference(index, queries, 3)
+    assert_matches_reference(dist, nids, ref_d, ref_pos, index)
