@@ -31,7 +31,7 @@ def image_search(params: SearchParams = SearchParams()) -> dict[str, str]:  # no
     out = str(out_dir)
     backends = choose_backends(params.backends)
     dataset = with_limit(download(params.source, params.data_dir), params.limit)
-    show(dataset, out, params.n_show, params.seed, dataset.rows)
+    show(dataset, out, params.n_show, params.seed)
     split_ref = split(dataset, out, params.split_ratio, params.seed)
     validate_k(params.k, split_ref.n_index)
     features = embed(

@@ -3,6 +3,7 @@ except where distances tie (STL-10 holds duplicate images), and the speed of eac
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,14 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import ImageSearchError, atomic_path, write_json_atomic
+from tasks.common import (
+    ImageSearchError,
+    atomic_path,
+    fingerprint,
+    mark_stage_done,
+    stage_is_done,
+    write_json_atomic,
+)
 from tasks.knn import REFERENCE, SearchRun, load_neighbors
 
 COMPARE_FILE = "compare.json"
@@ -138,6 +146,10 @@ def compare_runs(runs: list[SearchRun], out: Path, tolerance: float) -> dict[str
 
     Raises ImageSearchError naming the worst query when a backend really disagrees.
     """
+    key = fingerprint("compare-v1", [r.model_dump() for r in runs], tolerance)
+    done = stage_is_done(out, "compare", key, [out / COMPARE_FILE, out / NEIGHBORS_FILE])
+    if done is not None:
+        return dict(json.loads((out / COMPARE_FILE).read_text()))
     ran = {r.backend: r for r in runs if r.available}
     if REFERENCE not in ran:
         raise ImageSearchError("the scikit-learn reference did not run; nothing to compare with")
@@ -187,6 +199,8 @@ def compare_runs(runs: list[SearchRun], out: Path, tolerance: float) -> dict[str
     write_json_atomic(out / COMPARE_FILE, summary)
     write_neighbors(out / NEIGHBORS_FILE, loaded)
     failed = [b for b in others if not backends[b]["passed"]]
+    if not failed:
+        mark_stage_done(out, "compare", key)
     if failed:
         b = backends[failed[0]]
         w = b["worst_query"]

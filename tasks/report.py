@@ -12,7 +12,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import DataRef
+from tasks.common import DataRef, fingerprint, mark_stage_done, stage_is_done
 from tasks.decode import read_all_images
 from tasks.embed import Features
 from tasks.knn import REFERENCE, SearchRun, load_neighbors
@@ -126,11 +126,13 @@ def make_report(
     """
     shown = next((r for r in runs if r.available and r.backend != REFERENCE), None)
     shown = shown or next(r for r in runs if r.backend == REFERENCE)
-    qids, dist, nids = load_neighbors(shown)
-    images = read_all_images(dataset.uri, dataset.rows)
-    picture = results_picture(images, qids, dist, nids, n_results, seed)
     path = out / RESULTS_FILE
-    save_png(picture, path)
+    key = fingerprint("results-v1", shown.model_dump(), dataset.fingerprint, n_results, seed)
+    if stage_is_done(out, "results", key, [path]) is None:
+        qids, dist, nids = load_neighbors(shown)
+        images = read_all_images(dataset.uri, dataset.rows)
+        save_png(results_picture(images, qids, dist, nids, n_results, seed), path)
+        mark_stage_done(out, "results", key)
     return path, summary_markdown(summary, features, dataset), backend_table(summary)
 
 

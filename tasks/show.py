@@ -13,7 +13,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import DataRef, atomic_path
+from tasks.common import DataRef, atomic_path, fingerprint, mark_stage_done, stage_is_done
 from tasks.decode import read_all_images
 
 SAMPLES_FILE = "samples.png"
@@ -75,21 +75,25 @@ def markdown_image(picture: Image.Image, alt: str) -> str:
     return f"![{alt}](data:image/jpeg;base64,{data})"
 
 
-def show_samples(dataset: DataRef, out: Path, n_show: int, seed: int, limit: int | None) -> Path:
+def show_samples(dataset: DataRef, out: Path, n_show: int, seed: int) -> Path:
     """Write ``samples.png``: ``n_show`` random images of the dataset, titled with their ids."""
-    images = read_all_images(dataset.uri, limit)
+    path = out / SAMPLES_FILE
+    key = fingerprint("show-v1", dataset.fingerprint, dataset.rows, n_show, seed)
+    if stage_is_done(out, "show", key, [path]) is not None:
+        return path
+    images = read_all_images(dataset.uri, dataset.rows)
     rng = np.random.default_rng(seed)
     ids = np.sort(rng.choice(len(images), size=min(n_show, len(images)), replace=False))
     picture = image_grid(images[ids], [f"#{i}" for i in ids])
-    path = out / SAMPLES_FILE
     save_png(picture, path)
+    mark_stage_done(out, "show", key)
     return path
 
 
 @task(cache_policy=NO_CACHE)
-def show(dataset: DataRef, out: str, n_show: int, seed: int, limit: int | None) -> str:
+def show(dataset: DataRef, out: str, n_show: int, seed: int) -> str:
     """Prefect task: the dataset preview, also shown in the UI as an artifact."""
-    path = show_samples(dataset, Path(out), n_show, seed, limit)
+    path = show_samples(dataset, Path(out), n_show, seed)
     with Image.open(path) as picture:
         body = markdown_image(picture, "random images of the dataset")
     create_markdown_artifact(

@@ -63,16 +63,15 @@ def test_flow_on_sample_end_to_end_and_rerun_is_free(tmp_path: Path) -> None:
         "summary",
         "results",
     }
-    # A second run with the same inputs rewrites nothing.
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".png"}
+    # A second run with the same inputs rewrites nothing, yet shows the same artifacts.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     again = image_search(params, return_state=True)
     assert again.is_completed()
-    changed = [
-        p.name
-        for p, t in stamps.items()
-        if p.stat().st_mtime_ns != t and p.name not in ("compare.json", "neighbors.parquet")
-    ]
-    assert changed == []
+    assert [p.name for p, t in stamps.items() if p.stat().st_mtime_ns != t] == []
+    assert {p for p in out.rglob("*") if p.is_file()} == set(stamps)
+    assert artifact_keys(again.state_details.flow_run_id) == artifact_keys(
+        state.state_details.flow_run_id
+    )
 
 
 def test_flow_fails_early_with_clear_message_for_k(tmp_path: Path) -> None:
