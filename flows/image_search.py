@@ -41,6 +41,7 @@ def image_search(params: SearchParams = SearchParams()) -> dict[str, str]:  # no
         params.weights,
         params.batch_size,
         params.seed,
+        params.precision,
         params.gpu_memory_fraction,
     )
     # Backends run one after another: each gets every core, so the timings are honest.

@@ -121,6 +121,7 @@ class ModelInfo:
     weights: str
     weights_detail: str
     seed: int
+    precision: str = "float32"
 
     def metadata(self) -> dict[str, Any]:
         import keras
@@ -136,6 +137,7 @@ class ModelInfo:
             "weights_detail": self.weights_detail,
             "random_init": self.weights == "none",
             "seed": self.seed,
+            "precision": self.precision,
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
             "dim": DIM,
@@ -155,8 +157,29 @@ def weights_identity(weights: str) -> str:
     return f"file:{path.name}:{quick_file_fingerprint(path)}"
 
 
-def build_model(weights: str, seed: int = 0) -> tuple[Any, ModelInfo]:
-    """Keras ResNet50 without its classifier, global max pooling: (N, 96, 96, 3) -> (N, 2048)."""
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+
+
+def build_model(weights: str, seed: int = 0, precision: str = "float32") -> tuple[Any, ModelInfo]:
+    """Keras ResNet50 without its classifier, global max pooling: (N, 96, 96, 3) -> (N, 2048).
+
+    ``precision="bfloat16"`` computes in bfloat16 with float32 weights (Keras' mixed policy):
+    faster on CPUs with AVX-512 BF16 and on recent GPUs, slightly different features.
+    """
+    import keras
+
+    if precision not in PRECISIONS:
+        raise ImageSearchError(f"precision = {precision!r}; choose from {', '.join(PRECISIONS)}.")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(PRECISIONS[precision])
+    try:
+        model, info = _build(weights, seed)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return model, ModelInfo(info.weights, info.weights_detail, seed, precision)
+
+
+def _build(weights: str, seed: int) -> tuple[Any, ModelInfo]:
     import keras
 
     kwargs: dict[str, Any] = {"include_top": False, "pooling": "max", "input_shape": INPUT_SHAPE}
@@ -206,7 +229,7 @@ def make_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
     )
     def forward(batch: tf.Tensor) -> tf.Tensor:
         x = keras.applications.resnet50.preprocess_input(tf.cast(batch, tf.float32))
-        return model(x, training=False)
+        return tf.cast(model(x, training=False), tf.float32)
 
     def call(batch: np.ndarray) -> np.ndarray:
         return np.asarray(forward(tf.constant(batch)), dtype=np.float32)
@@ -218,10 +241,17 @@ def _parts_dir(out_dir: Path, split: str, key: str) -> Path:
     return out_dir / f".{split}.parts-{key}"
 
 
-def features_key(dataset: DataRef, split: DataRef, weights: str, seed: int) -> str:
+def features_key(
+    dataset: DataRef, split: DataRef, weights: str, seed: int, precision: str = "float32"
+) -> str:
     """Cache key of the feature files: data, split and model identity."""
     return fingerprint(
-        "embed-v1", dataset.fingerprint, split.fingerprint, weights_identity(weights), seed
+        "embed-v1",
+        dataset.fingerprint,
+        split.fingerprint,
+        weights_identity(weights),
+        seed,
+        precision,
     )
 
 
@@ -369,14 +399,16 @@ def extract_features(
     dataset: DataRef,
     split: DataRef,
     out: Path,
+    *,
     weights: str,
     batch_size: int,
     seed: int = 0,
+    precision: str = "float32",
     gpu_memory_fraction: float | None = None,
     progress: bool = True,
 ) -> Features:
     """Write ``features/index.parquet`` and ``features/query.parquet`` unless already there."""
-    key = features_key(dataset, split, weights, seed)
+    key = features_key(dataset, split, weights, seed, precision)
     index_ids, query_ids = read_split(split.path)
     folder = out / FEATURES_DIR
     paths = {"index": folder / "index.parquet", "query": folder / "query.parquet"}
@@ -385,7 +417,7 @@ def extract_features(
     device = "cached"
     if todo:
         device = configure_gpu_memory(gpu_memory_fraction)
-        model, info = build_model(weights, seed)
+        model, info = build_model(weights, seed, precision)
         forward = make_forward(model)
         images = read_all_images(dataset.uri, dataset.rows)
         metadata = {**info.metadata(), "source_fingerprint": dataset.fingerprint}
@@ -415,11 +447,19 @@ def embed(
     weights: str,
     batch_size: int,
     seed: int,
+    precision: str,
     gpu_memory_fraction: float | None,
 ) -> Features:
     """Prefect task: ResNet50 features of both splits, listed as an artifact."""
     features = extract_features(
-        dataset, split, Path(out), weights, batch_size, seed, gpu_memory_fraction
+        dataset,
+        split,
+        Path(out),
+        weights=weights,
+        batch_size=batch_size,
+        seed=seed,
+        precision=precision,
+        gpu_memory_fraction=gpu_memory_fraction,
     )
     rows = [
         {"file": ref.uri, "rows": ref.rows, "bytes": Path(ref.uri).stat().st_size}

@@ -62,7 +62,7 @@ def test_extract_features_files_load_everywhere(tmp_path: Path) -> None:
     data.write_bytes(to_stl10_bytes(pattern_images(30)))
     dataset = DataRef(uri=str(data), rows=30, fingerprint="fp-30")
     split = split_dataset(dataset, tmp_path, 0.8, seed=0)
-    feats = extract_features(dataset, split, tmp_path, "none", batch_size=8, progress=False)
+    feats = extract_features(dataset, split, tmp_path, weights="none", batch_size=8, progress=False)
     index_path = tmp_path / "features" / "index.parquet"
     assert feats.index.uri == str(index_path) and feats.index.rows == 24 and feats.query.rows == 6
     schema = pq.read_schema(index_path)
@@ -88,7 +88,7 @@ def test_extract_features_files_load_everywhere(tmp_path: Path) -> None:
     np.testing.assert_array_equal(pl_frame["embedding"].to_numpy()[3], emb[3])
     # A rerun with the same inputs writes nothing.
     mtime = index_path.stat().st_mtime_ns
-    again = extract_features(dataset, split, tmp_path, "none", batch_size=8, progress=False)
+    again = extract_features(dataset, split, tmp_path, weights="none", batch_size=8, progress=False)
     assert again.device == "cached" and index_path.stat().st_mtime_ns == mtime
 
 
@@ -160,3 +160,22 @@ def test_weights_file_round_trip(tmp_path: Path, forward: Any) -> None:
     assert info.weights == str(path) and info.weights_detail.startswith("loaded from")
     images = pattern_images(2)
     np.testing.assert_allclose(make_forward(loaded)(images), forward(images), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_is_opt_in_close_to_float32_and_restores_policy(
+    forward: Callable[[np.ndarray], np.ndarray],
+) -> None:
+    import keras
+
+    model, info = build_model("none", seed=0, precision="bfloat16")
+    assert info.precision == "bfloat16" and info.metadata()["precision"] == "bfloat16"
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+    images = pattern_images(4)
+    got = make_forward(model)(images)
+    want = forward(images)
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    with pytest.raises(
+        ImageSearchError, match="precision = 'float16'; choose from float32, bfloat16"
+    ):
+        build_model("none", precision="float16")
