@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from tasks.common import (
     ImageSearchError,
     atomic_path,
     fingerprint,
+    mark_stage_done,
     quick_file_fingerprint,
 )
 from tasks.decode import read_all_images
@@ -416,6 +418,7 @@ def extract_features(
     todo = [s for s in paths if not feature_file_matches(paths[s], key, len(ids[s]))]
     device = "cached"
     if todo:
+        started = time.perf_counter()
         device = configure_gpu_memory(gpu_memory_fraction)
         model, info = build_model(weights, seed, precision)
         forward = make_forward(model)
@@ -432,6 +435,10 @@ def extract_features(
                 batch_size,
                 progress,
             )
+        seconds = time.perf_counter() - started
+        n = sum(len(ids[s]) for s in todo)
+        log.info("embedded %d images in %.1f s (%.1f images/s)", n, seconds, n / seconds)
+        mark_stage_done(out, "embed", key, seconds=seconds, images=n, batch_size=batch_size)
     model_meta = read_metadata(paths["index"])
     refs = {
         s: DataRef(uri=str(paths[s]), rows=len(ids[s]), fingerprint=f"{key}-{s}") for s in paths

@@ -1,0 +1,270 @@
+"""Pipeline benchmark cases: embedding overhead, the whole flow at full scale, rerun cost.
+
+Each case returns a JSON-ready dict: ``rows`` for the table, ``targets`` (each with the
+measured ratio and whether it is met) and ``raw`` numbers. Ratios are measured within one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _median_of(runs: int, fn: Callable[[], float]) -> tuple[float, list[float]]:
+    values = [fn() for _ in range(runs)]
+    return statistics.median(values), values
+
+
+def _stl10_file(path: Path, n: int) -> Path:
+    """``n`` images in the STL-10 layout: the sample crops, repeated (real photo statistics)."""
+    from tasks.sample import make_sample_images, to_stl10_bytes
+
+    base = to_stl10_bytes(make_sample_images(min(n, 2000)))
+    per = len(base) // min(n, 2000)
+    with open(path, "wb") as f:
+        left = n
+        while left:
+            take = min(left, len(base) // per)
+            f.write(base[: take * per])
+            left -= take
+    return path
+
+
+def embed_overhead(quick: bool = False) -> dict[str, Any]:
+    """Images/s of the embed stage (memory map -> forward -> Parquet) over a bare compiled
+    forward pass on preallocated input, per batch size; plus the opt-in bfloat16 path."""
+    from tasks.decode import read_all_images
+    from tasks.embed import build_model, embed_split, make_forward
+
+    n = 128 if quick else 1024
+    repeats = 3
+    batch_sizes = [32] if quick else [16, 32, 64, 128]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-embed-"))
+    images = read_all_images(_stl10_file(tmp / "x.bin", n))
+    ids = np.arange(n, dtype=np.int64)
+    model, _ = build_model("none", seed=0)
+    forward = make_forward(model)
+    pre = np.ascontiguousarray(images[:max(batch_sizes)])
+    rows, raw = [], {}
+    for bs in batch_sizes:
+        forward(pre[:bs])  # trace and warm up
+
+        def bare(bs: int = bs) -> float:
+            t0 = time.perf_counter()
+            for start in range(0, n, bs):
+                forward(pre[: min(bs, n - start)])
+            return n / (time.perf_counter() - t0)
+
+        def stage(bs: int = bs) -> float:
+            dest = tmp / f"f{bs}.parquet"
+            dest.unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            embed_split(images, ids, forward, dest, f"k{bs}", {}, bs, progress=False)
+            return n / (time.perf_counter() - t0)
+
+        bare_runs, stage_runs = [], []
+        for _ in range(repeats):  # interleaved, so drift hits both alike
+            bare_runs.append(bare())
+            stage_runs.append(stage())
+        b, s = statistics.median(bare_runs), statistics.median(stage_runs)
+        raw[f"batch_{bs}"] = {"bare": bare_runs, "stage": stage_runs}
+        rows.append(
+            {
+                "batch": bs,
+                "bare img/s": round(b, 1),
+                "stage img/s": round(s, 1),
+                "stage / bare": round(s / b, 3),
+            }
+        )
+    best = max(rows, key=lambda r: r["stage img/s"])
+    result: dict[str, Any] = {
+        "name": "embed",
+        "images": n,
+        "repeats": repeats,
+        "rows": rows,
+        "best_batch": best["batch"],
+        "targets": [
+            {
+                "target": "embed stage >= 0.95 x bare forward (best batch)",
+                "measured": best["stage / bare"],
+                "met": best["stage / bare"] >= 0.95,
+            }
+        ],
+        "raw": raw,
+    }
+    if not quick:
+        result.update(_bfloat16(images, forward, best["batch"], repeats))
+    return result
+
+
+def _bfloat16(
+    images: np.ndarray, forward32: Callable[[np.ndarray], np.ndarray], bs: int, repeats: int
+) -> dict[str, Any]:
+    """bfloat16 vs float32 speed on the same batches, and neighbour agreement of the features."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from tasks.embed import build_model, make_forward
+
+    model16, _ = build_model("none", seed=0, precision="bfloat16")
+    forward16 = make_forward(model16)
+    pre = np.ascontiguousarray(images[:bs])
+    n = len(images)
+    forward16(pre)
+
+    def speed(fwd: Callable[[np.ndarray], np.ndarray]) -> float:
+        t0 = time.perf_counter()
+        for _ in range(0, n, bs):
+            fwd(pre)
+        return n / (time.perf_counter() - t0)
+
+    s32, s16 = [], []
+    for _ in range(repeats):
+        s32.append(speed(forward32))
+        s16.append(speed(forward16))
+    f32 = np.concatenate([forward32(np.ascontiguousarray(images[i : i + bs])) for i in range(0, n, bs)])
+    f16 = np.concatenate([forward16(np.ascontiguousarray(images[i : i + bs])) for i in range(0, n, bs)])
+    split = int(n * 0.9)
+    nn32 = NearestNeighbors(n_neighbors=3, algorithm="brute").fit(f32[:split])
+    nn16 = NearestNeighbors(n_neighbors=3, algorithm="brute").fit(f16[:split])
+    i32 = nn32.kneighbors(f32[split:], return_distance=False)
+    i16 = nn16.kneighbors(f16[split:], return_distance=False)
+    agreement = float(np.mean(i32 == i16))
+    ratio = statistics.median(s16) / statistics.median(s32)
+    return {
+        "bfloat16": {
+            "float32 img/s": round(statistics.median(s32), 1),
+            "bfloat16 img/s": round(statistics.median(s16), 1),
+            "speedup": round(ratio, 3),
+            "neighbour agreement": round(agreement, 4),
+            "raw": {"float32": s32, "bfloat16": s16},
+        },
+        "bfloat16_targets": [
+            {"target": "bfloat16 >= 1.5 x float32", "measured": round(ratio, 3), "met": ratio >= 1.5},
+            {
+                "target": "bfloat16 neighbour agreement >= 0.99",
+                "measured": round(agreement, 4),
+                "met": agreement >= 0.99,
+            },
+        ],
+    }
+
+
+def _cli(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
+    """Run ``image-search`` in a child; (wall seconds, exit code, stderr tail)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    return time.perf_counter() - t0, proc.returncode, proc.stderr[-2000:]
+
+
+def full_flow(quick: bool = False) -> dict[str, Any]:
+    """The whole flow on an STL-10-format file of 100,000 images (2,000 in --quick): peak RSS of
+    the flow process and its wall time over the embed + search time it reports itself."""
+    n = 2000 if quick else 100_000
+    tmp = Path(tempfile.mkdtemp(prefix="bench-flow-"))
+    data = _stl10_file(tmp / "unlabeled_X.bin", n)
+    out = tmp / "out"
+    env = {"IMAGE_SEARCH_DATA": str(tmp / "cache")}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    wall, code, err = _cli(
+        ["--source", str(data), "--weights", "none", "--backends", "numpy", "--out", str(out)], env
+    )
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if code != 0:
+        raise RuntimeError(f"flow failed ({code}): {err}")
+    embed = json.loads((out / ".state" / "embed.json").read_text())
+    compare = json.loads((out / "compare.json").read_text())
+    search = sum(
+        b["load_seconds"] + b["fit_seconds"] + b["search_seconds"]
+        for b in compare["backends"].values()
+        if b["available"]
+    )
+    work = embed["seconds"] + search
+    peak_gib = max(peak_kib, before) / 2**20
+    return {
+        "name": "flow",
+        "images": n,
+        "rows": [
+            {
+                "images": n,
+                "wall s": round(wall, 1),
+                "embed s": round(embed["seconds"], 1),
+                "search s (load+fit+search, all backends)": round(search, 1),
+                "wall / (embed + search)": round(wall / work, 3),
+                "peak RSS GiB": round(peak_gib, 2),
+            }
+        ],
+        "targets": [
+            {"target": "peak RSS < 3 GiB", "measured": round(peak_gib, 2), "met": peak_gib < 3},
+            {
+                "target": "wall <= 1.15 x (embed + search)",
+                "measured": round(wall / work, 3),
+                "met": wall / work <= 1.15,
+            },
+        ],
+        "raw": {"wall": wall, "embed": embed, "compare_backends": compare["backends"]},
+    }
+
+
+def rerun_cost(quick: bool = False) -> dict[str, Any]:
+    """A second identical run (every stage skipped) against an empty flow run, both in one
+    process on one temporary Prefect API."""
+    from prefect import flow
+
+    from flows.image_search import image_search
+    from flows.params import SearchParams
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-rerun-"))
+    os.environ["IMAGE_SEARCH_DATA"] = str(tmp / "cache")
+    params = SearchParams(
+        source="sample", weights="none", limit=300 if quick else 2000, out=str(tmp / "out")
+    )
+
+    @flow(name="empty")
+    def empty() -> None:
+        return None
+
+    image_search(params)  # the first, real run
+    empty()  # warm the API path for the baseline too
+    repeats = 3 if quick else 5
+    reruns, empties = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        image_search(params)
+        reruns.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        empty()
+        empties.append(time.perf_counter() - t0)
+    r, e = statistics.median(reruns), statistics.median(empties)
+    return {
+        "name": "rerun",
+        "rows": [{"rerun s": round(r, 3), "empty flow s": round(e, 3), "rerun / empty": round(r / e, 2)}],
+        "targets": [
+            {"target": "rerun <= 1.5 x empty flow run", "measured": round(r / e, 2), "met": r / e <= 1.5}
+        ],
+        "raw": {"reruns": reruns, "empties": empties},
+    }
+
+
+if __name__ == "__main__":
+    cases = {"embed": embed_overhead, "flow": full_flow, "rerun": rerun_cost}
+    quick = "--quick" in sys.argv
+    for name in [a for a in sys.argv[1:] if not a.startswith("--")] or list(cases):
+        print(json.dumps(cases[name](quick), indent=2, default=str), flush=True)
