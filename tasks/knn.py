@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +221,7 @@ def make_backend(name: str) -> Backend:
         ) from None
 
 
-def choose_backends(requested: list[str] | None) -> list[str]:
+def choose_backends(requested: Sequence[str] | None) -> list[str]:
     """The backends to run: sklearn (the reference) first, then the requested ones.
 
     Nothing requested: cuML where it can run; otherwise cuML is listed (so the run says why it
