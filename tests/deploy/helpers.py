@@ -155,11 +155,19 @@ def start_server(home: Path, timeout: float = 120.0) -> PrefectServer:
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = home / "server.log"
-    env = sealed_env(home, PREFECT_UI_SHOW_PROMOTIONAL_CONTENT="false")
+    url = f"http://127.0.0.1:{port}"
+    env = sealed_env(
+        home,
+        PREFECT_SERVER_API_HOST="127.0.0.1",
+        PREFECT_SERVER_API_PORT=str(port),
+        # The UI calls the API at this address (otherwise the default port, 4200).
+        PREFECT_SERVER_UI_API_URL=f"{url}/api",
+        PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false",
+    )
     proc = start_process(
         [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, home, log
     )
-    server = PrefectServer(url=f"http://127.0.0.1:{port}", home=home, log=log, process=proc)
+    server = PrefectServer(url=url, home=home, log=log, process=proc)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
