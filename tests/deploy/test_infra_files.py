@@ -110,6 +110,9 @@ def test_names_agree_across_files() -> None:
     (claim,) = manifests_of("PersistentVolumeClaim")
     assert variables["pvc_name"]["default"] == claim["metadata"]["name"]
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    (cache,) = manifests_of("ImageCache")
+    pull_secrets = [s["name"] for s in variables["image_pull_secrets"]["default"]]
+    assert cache["spec"]["imagePullSecrets"] == [f"{namespace_name}:{n}" for n in pull_secrets]
     assert "create kubernetes-gpu --type kubernetes" in (INFRA / "create-work-pools.sh").read_text()
 
 

@@ -141,6 +141,7 @@ def test_job_mounts_the_shared_volume_and_expires(gpu_job: dict[str, Any]) -> No
 def test_job_runs_the_deployed_image_as_non_root(gpu_job: dict[str, Any]) -> None:
     """The image from the build step; the pod refuses to run as root."""
     assert container(gpu_job)["image"] == IMAGE
+    assert pod_spec(gpu_job)["imagePullSecrets"] == [{"name": "registry-credentials"}]
     assert container(gpu_job)["args"] == ["prefect", "flow-run", "execute"]
     security = pod_spec(gpu_job)["securityContext"]
     assert security["runAsNonRoot"] is True
@@ -178,12 +179,13 @@ def test_pod_watch_timeout_allows_a_slow_gpu_start() -> None:
                 and pod_spec(job)["tolerations"] == [{"operator": "Exists"}]
             ),
         ),
+        ({"image_pull_secrets": []}, lambda job: pod_spec(job)["imagePullSecrets"] == []),
         (
             {"prefect_api_url": "https://prefect.internal/api"},
             lambda job: env_of(job)["PREFECT_API_URL"] == "https://prefect.internal/api",
         ),
     ],
-    ids=["gpu-2", "gpu-0", "snapshot", "selector-tolerations", "api-url"],
+    ids=["gpu-2", "gpu-0", "snapshot", "selector-tolerations", "public-image", "api-url"],
 )
 def test_variables_override_the_defaults(override: dict[str, Any], check: Any) -> None:
     """Each knob is a template variable: a deployment or a single run can change it."""
