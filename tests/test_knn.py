@@ -158,3 +158,15 @@ def test_cuml_equals_float64_reference(tmp_path: Path) -> None:
     _, dist, nids = load_neighbors(run)
     ref_d, ref_pos = reference(index, queries, 3)
     assert_matches_reference(dist, nids, ref_d, ref_pos, index)
+
+
+def test_faiss_loads_after_sklearn_so_neither_starves() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from tasks.knn import FaissBackend; FaissBackend().unavailable_reason(); "
+        "mods = list(sys.modules); print(mods.index('sklearn') < mods.index('faiss'))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "True", proc.stderr[-2000:]
