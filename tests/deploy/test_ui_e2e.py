@@ -16,7 +16,8 @@ import pytest
 from tests.deploy.conftest import Deployed
 from tests.deploy.helpers import PREFECT, REPO, log_tail, start_process, stop_process
 
-pytestmark = pytest.mark.e2e
+# Also `slow`, so that `-m "not slow"` is the quick tier.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
