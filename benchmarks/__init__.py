@@ -1,0 +1,1 @@
+"""Benchmarks of image-search: ``python -m benchmarks.run [--quick] [--out DIR] [CASE ...]``."""
