@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from flows.params import SearchParams
 from tests.deploy.conftest import Deployed
 from tests.deploy.helpers import PREFECT, REPO, log_tail, start_process, stop_process
 
@@ -90,7 +91,8 @@ def runs_of(deployed: Deployed, deployment_id: str) -> list[dict[str, Any]]:
 def test_quick_run_from_the_ui_completes(
     deployed: Deployed, worker: Path, browser_page: Any
 ) -> None:
-    """Run → Quick run in the UI; the worker runs the flow to Completed with all its outputs."""
+    """The run form describes every parameter; Run → Quick run starts the deployment's defaults,
+    and the worker runs the flow to Completed with all its outputs and artifacts."""
     page = browser_page
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     local = deployed.server.get("/deployments/name/image-search/local")
@@ -99,6 +101,18 @@ def test_quick_run_from_the_ui_completes(
     page.goto(f"{deployed.server.url}/deployments")
     page.get_by_role("link", name="local", exact=True).click()
     page.wait_for_url(f"**/deployments/deployment/{local['id']}*")
+
+    # The run form shows what every parameter means.
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run", exact=True).click()
+    page.wait_for_url(f"**/deployments/deployment/{local['id']}/run*")
+    described = {n: f.description for n, f in SearchParams.model_fields.items() if f.description}
+    page.get_by_text(described["source"]).wait_for()
+    missing = [name for name, text in described.items() if page.get_by_text(text).count() == 0]
+    page.screenshot(path=str(SCREENSHOTS / "run-form.png"), full_page=True)
+    assert missing == [], f"descriptions not in the run form: {missing}"
+    page.go_back()
+
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Quick run", exact=True).click()
     page.get_by_text("scheduled to start").first.wait_for()
