@@ -49,8 +49,8 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
 @pytest.fixture(scope="session")
 def deployed(prefect_server: PrefectServer, checkout: Path) -> Deployed:
     """Both pools created by infra/create-work-pools.sh, then ``prefect deploy --all``."""
-    # What a developer's shell would have: PWD is the checkout; no registry, no image build.
-    env = prefect_server.env(PWD=str(checkout))
+    # No registry, no image build; PWD deliberately stale, as under a process manager.
+    env = prefect_server.env(PWD="/")
     for name in ("IMAGE_SEARCH_REGISTRY", "IMAGE_SEARCH_BUILD_IMAGE", "IMAGE_SEARCH_HOME"):
         env.pop(name, None)
     run_cli(["sh", "infra/create-work-pools.sh"], env, checkout, timeout=120)

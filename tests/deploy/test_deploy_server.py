@@ -58,7 +58,9 @@ def test_deployments_point_at_their_pools_and_code(deployed: Deployed) -> None:
     assert gpu["job_variables"]["eci_instance_type"] == "ecs.gn6i-c4g1.xlarge"
     assert gpu["parameters"]["params"]["weights"] == "imagenet"
     assert local["work_pool_name"] == "local"
-    assert local["job_variables"] == {"env": {"IMAGE_SEARCH_HOME": str(deployed.checkout)}}
+    assert local["job_variables"] == {
+        "env": {"IMAGE_SEARCH_HOME": str(deployed.checkout.resolve())}
+    }
     assert local["parameters"]["params"]["source"] == "sample"
 
 

@@ -204,6 +204,7 @@ def test_prefect_yaml_shares_pieces_through_definitions() -> None:
     assert deployment_config("gpu")["work_pool"] == definitions["work_pools"]["kubernetes_gpu"]
     assert deployment_config("local")["work_pool"] == definitions["work_pools"]["local_process"]
     assert deployment_config("gpu")["build"] == definitions["actions"]["build_image"]
+    assert deployment_config("local")["build"] == definitions["actions"]["checkout_path"]
     assert len(re.findall(r"\*entrypoint\b", raw)) == 2
 
 
