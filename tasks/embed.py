@@ -279,6 +279,15 @@ def feature_file_matches(path: Path, key: str, rows: int) -> bool:
     return schema.equals(SCHEMA, check_metadata=False) and meta.get("key") == key and n == rows
 
 
+def read_batch(images: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Gather ``images[ids]`` from the memory map as one contiguous (B, 96, 96, 3) uint8 batch.
+
+    Fancy indexing touches only the requested images; ``np.take`` on the transposed map would
+    first copy the whole file into memory.
+    """
+    return np.ascontiguousarray(images[ids])
+
+
 def _batches(ids: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(ids), size):
         yield ids[start : start + size]
@@ -343,12 +352,12 @@ def embed_split(
             chunks = list(_batches(part_ids, batch_size))
             out = np.empty((len(part_ids), DIM), dtype=np.float32)
             # Read the next batch from the memory map while the current one runs forward.
-            pending = reader.submit(np.take, images, chunks[0], 0)
+            pending = reader.submit(read_batch, images, chunks[0])
             row = 0
             for i, chunk in enumerate(chunks):
                 batch = pending.result()
                 if i + 1 < len(chunks):
-                    pending = reader.submit(np.take, images, chunks[i + 1], 0)
+                    pending = reader.submit(read_batch, images, chunks[i + 1])
                 out[row : row + len(chunk)] = forward(batch)
                 row += len(chunk)
                 bar.update(len(chunk))

@@ -179,3 +179,31 @@ def test_bfloat16_is_opt_in_close_to_float32_and_restores_policy(
         ImageSearchError, match="precision = 'float16'; choose from float32, bfloat16"
     ):
         build_model("none", precision="float16")
+
+
+def test_embedding_a_large_file_reads_only_its_batches(tmp_path: Path) -> None:
+    """Memory stays flat: streaming the last 2,000 of 100,000 images touches only those images
+    (about 55 MB of mapped file), never a copy of the whole 2.76 GB file."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "big.bin"
+    with open(data, "wb") as f:  # sparse 2.76 GB file
+        f.truncate(100_000 * 27_648)
+    code = f"""
+import resource, numpy as np
+from pathlib import Path
+from tasks.decode import read_all_images
+from tasks.embed import embed_split, DIM
+images = read_all_images({str(data)!r})
+ids = np.arange(98_000, 100_000, dtype=np.int64)
+forward = lambda b: np.zeros((len(b), DIM), np.float32) + b.reshape(len(b), -1)[:, :1]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+embed_split(images, ids, forward, Path({str(tmp_path / "f.parquet")!r}), "k", {{}}, 64, False)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grew_mib = int(proc.stdout.strip().splitlines()[-1])
+    assert grew_mib < 200, f"peak memory grew by {grew_mib} MiB"
+    assert pq.ParquetFile(tmp_path / "f.parquet").metadata.num_rows == 2000
