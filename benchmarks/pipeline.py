@@ -57,7 +57,7 @@ def embed_overhead(quick: bool = False) -> dict[str, Any]:
     ids = np.arange(n, dtype=np.int64)
     model, _ = build_model("none", seed=0)
     forward = make_forward(model)
-    pre = np.ascontiguousarray(images[:max(batch_sizes)])
+    pre = np.ascontiguousarray(images[: max(batch_sizes)])
     rows, raw = [], {}
     for bs in batch_sizes:
         forward(pre[:bs])  # trace and warm up
@@ -134,8 +134,12 @@ def _bfloat16(
     for _ in range(repeats):
         s32.append(speed(forward32))
         s16.append(speed(forward16))
-    f32 = np.concatenate([forward32(np.ascontiguousarray(images[i : i + bs])) for i in range(0, n, bs)])
-    f16 = np.concatenate([forward16(np.ascontiguousarray(images[i : i + bs])) for i in range(0, n, bs)])
+    f32 = np.concatenate(
+        [forward32(np.ascontiguousarray(images[i : i + bs])) for i in range(0, n, bs)]
+    )
+    f16 = np.concatenate(
+        [forward16(np.ascontiguousarray(images[i : i + bs])) for i in range(0, n, bs)]
+    )
     split = int(n * 0.9)
     nn32 = NearestNeighbors(n_neighbors=3, algorithm="brute").fit(f32[:split])
     nn16 = NearestNeighbors(n_neighbors=3, algorithm="brute").fit(f16[:split])
@@ -152,7 +156,11 @@ def _bfloat16(
             "raw": {"float32": s32, "bfloat16": s16},
         },
         "bfloat16_targets": [
-            {"target": "bfloat16 >= 1.5 x float32", "measured": round(ratio, 3), "met": ratio >= 1.5},
+            {
+                "target": "bfloat16 >= 1.5 x float32",
+                "measured": round(ratio, 3),
+                "met": ratio >= 1.5,
+            },
             {
                 "target": "bfloat16 neighbour agreement >= 0.99",
                 "measured": round(agreement, 4),
@@ -255,9 +263,15 @@ def rerun_cost(quick: bool = False) -> dict[str, Any]:
     r, e = statistics.median(reruns), statistics.median(empties)
     return {
         "name": "rerun",
-        "rows": [{"rerun s": round(r, 3), "empty flow s": round(e, 3), "rerun / empty": round(r / e, 2)}],
+        "rows": [
+            {"rerun s": round(r, 3), "empty flow s": round(e, 3), "rerun / empty": round(r / e, 2)}
+        ],
         "targets": [
-            {"target": "rerun <= 1.5 x empty flow run", "measured": round(r / e, 2), "met": r / e <= 1.5}
+            {
+                "target": "rerun <= 1.5 x empty flow run",
+                "measured": round(r / e, 2),
+                "met": r / e <= 1.5,
+            }
         ],
         "raw": {"reruns": reruns, "empties": empties},
     }
