@@ -21,6 +21,19 @@ def _wanted(flag: str | bool | None) -> bool:
     return (flag or "").strip().lower() in TRUE_WORDS
 
 
+def _prefect_docker() -> Any:
+    """prefect-docker's deployment steps, or an error that says how to get them."""
+    try:
+        from prefect_docker.deployments import steps
+    except ImportError as exc:
+        raise RuntimeError(
+            "IMAGE_SEARCH_BUILD_IMAGE is set but prefect-docker is not installed: "
+            "pip install prefect-docker (and have a Docker engine), or unset it to deploy "
+            "the image CI pushed."
+        ) from exc
+    return steps
+
+
 def image_name_for(registry: str | None, repository: str) -> str:
     """``registry/repository``, or the bare repository when no registry is given."""
     registry = (registry or "").strip().rstrip("/")
@@ -60,8 +73,7 @@ def build_image(
             "an image without a registry. Set IMAGE_SEARCH_REGISTRY, e.g. "
             "registry.cn-hangzhou.aliyuncs.com/your-namespace."
         )
-    from prefect_docker.deployments.steps import build_docker_image
-
+    build_docker_image = _prefect_docker().build_docker_image
     result = dict(
         build_docker_image(image_name=image_name, tag=tag, dockerfile=dockerfile, platform=platform)
     )
@@ -73,8 +85,7 @@ def push_image(image_name: str, tag: str, built: str | bool | None = None) -> di
     """Push the image ``build_image`` built; nothing to do when it did not build one."""
     if not _wanted(built):
         return {"image_name": image_name, "tag": tag, "pushed": False}
-    from prefect_docker.deployments.steps import push_docker_image
-
+    push_docker_image = _prefect_docker().push_docker_image
     result = dict(push_docker_image(image_name=image_name, tag=tag))
     result["pushed"] = True
     return result

@@ -293,3 +293,10 @@ def test_build_step_refuses_what_cannot_work(
     with pytest.raises(ValueError, match=message):
         deploy_steps.build_image(**kwargs)
     assert fake_docker.calls == []
+
+
+def test_build_step_says_how_to_get_prefect_docker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asked to build without prefect-docker installed: the error names the package."""
+    monkeypatch.setitem(sys.modules, "prefect_docker", None)
+    with pytest.raises(RuntimeError, match="pip install prefect-docker"):
+        deploy_steps.build_image("image-search", "abc123", registry="reg.io", build="yes")
