@@ -1,0 +1,1 @@
+"""Deployment of image-search: work-pool template, image, manifests, prefect.yaml steps."""
