@@ -4,15 +4,20 @@ fingerprints and the per-stage "already done" markers that make reruns free."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+
+log = logging.getLogger(__name__)
 
 IMAGE_SHAPE = (96, 96, 3)
 IMAGE_BYTES = 96 * 96 * 3  # 27,648 bytes per STL-10 image
@@ -86,8 +91,29 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are shared like any file
         os.replace(tmp, dest)
+    except OSError as exc:
+        if is_out_of_space(exc):
+            raise out_of_space_error(dest, exc) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """True for a full disk, an exceeded quota or a file-size limit (pyarrow sets errno too)."""
+    return isinstance(exc, OSError) and exc.errno in _SPACE_ERRNOS
+
+
+def out_of_space_error(path: Path, exc: OSError) -> ImageSearchError:
+    """The user-facing form of a full disk while writing ``path``."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return ImageSearchError(
+        f"Cannot write {path}: {reason}. Nothing already there was changed; free space on that "
+        f"disk (or raise the quota or file-size limit) and run again: finished stages are kept."
+    )
 
 
 def write_json_atomic(dest: Path, payload: Any) -> None:
@@ -133,3 +159,61 @@ def stage_is_done(out: Path, stage: str, key: str, outputs: list[Path]) -> dict[
 def mark_stage_done(out: Path, stage: str, key: str, **info: Any) -> None:
     """Record that ``stage`` finished with ``key`` (written after its outputs are in place)."""
     write_json_atomic(stage_marker(out, stage), {"key": key, **info})
+
+
+def is_orphan_temp(path: Path) -> bool:
+    """True for a temporary file of :func:`atomic_path` (``.<name>.<random>.tmp``)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+
+
+def remove_orphan_temps(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed run left under ``folder``; return what was removed.
+
+    Only safe while holding :func:`folder_lock` on ``folder``: a live run's temporary file looks
+    the same as an orphan.
+    """
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.rglob(".*.tmp"):
+        if is_orphan_temp(path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str, *, wait: float | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (a ``.lock`` file in it) across processes and hosts
+    that share the folder; the kernel drops it when the holder dies, even by ``kill -9``.
+
+    When another run holds it, log that this one waits, naming the folder; ``wait`` seconds
+    (None: no limit) later, give up with an :class:`ImageSearchError` that says what to do.
+    """
+    from filelock import FileLock, Timeout
+
+    ensure_writable_dir(folder, what)
+    lock = FileLock(str(folder / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0.5)
+    except Timeout:
+        log.warning(
+            "another run is using the %s %s; waiting for it to finish", what.lower(), folder
+        )
+        start = time.monotonic()
+        try:
+            lock.acquire(timeout=-1 if wait is None else wait)
+        except Timeout:
+            raise ImageSearchError(
+                f"{what} {str(folder)!r} is still in use by another run after "
+                f"{time.monotonic() - start:.0f} s; wait for that run to finish, or choose "
+                f"another folder."
+            ) from None
+    try:
+        yield
+    finally:
+        lock.release()
