@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from filelock import FileLock, Timeout
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
@@ -34,9 +33,12 @@ from tasks.common import (
     IMAGE_BYTES,
     DataRef,
     ImageSearchError,
-    ensure_writable_dir,
     file_digest,
+    folder_lock,
+    is_out_of_space,
+    out_of_space_error,
     quick_file_fingerprint,
+    remove_orphan_temps,
     write_json_atomic,
 )
 
@@ -47,7 +49,19 @@ TARBALL_NAME = "stl10_binary.tar.gz"
 EXTRACT_DIR = "stl10_binary"
 UNLABELED = "unlabeled_X.bin"
 DATA_ENV = "IMAGE_SEARCH_DATA"
+BACKOFF_ENV = "IMAGE_SEARCH_RETRY_BACKOFF"
 CHUNK = 1 << 20
+
+
+def retry_backoff() -> float:
+    """Base delay in seconds between download retries: ``$IMAGE_SEARCH_RETRY_BACKOFF``, else 1.
+
+    Attempts within one try wait 1×, 2×, 4× this; the task's own retries wait 5× and 30×.
+    """
+    try:
+        return max(float(os.environ.get(BACKOFF_ENV, "1")), 0.0)
+    except ValueError:
+        return 1.0
 
 
 @dataclass(frozen=True)
@@ -101,7 +115,7 @@ def download_file(
     md5: str | None,
     *,
     attempts: int = 4,
-    backoff: float = 1.0,
+    backoff: float | None = None,
     timeout: float = 60.0,
     progress: bool = True,
 ) -> Path:
@@ -113,6 +127,7 @@ def download_file(
     """
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    backoff = retry_backoff() if backoff is None else backoff
     last: Exception | None = None
     for attempt in range(attempts):
         if attempt:
@@ -189,6 +204,8 @@ def _fetch_into(url: str, part: Path, *, timeout: float, progress: bool) -> None
                     bar.update(len(block))
         except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exc:
             if isinstance(exc, OSError) and not isinstance(exc, (TimeoutError, ConnectionError)):
+                if is_out_of_space(exc):
+                    raise out_of_space_error(part, exc) from exc
                 raise ImageSearchError(f"Cannot write {part}: {exc}") from exc
             raise TransientDownloadError(f"connection lost after {start + received} bytes") from exc
         if length is not None and received < int(length):
@@ -311,36 +328,54 @@ def verify_file(path: Path, md5: str | None, data_dir: Path) -> str:
         with contextlib.suppress(OSError):
             write_json_atomic(record, seen)
     if md5 is not None and digest != md5:
+        hint = (
+            "If it is your own file in the STL-10 binary format, pass the .bin file itself as "
+            "--source."
+            if path.suffix == ".bin"
+            else "It is corrupt, truncated or not STL-10: fetch it again, or extract your own "
+            "archive and pass its unlabeled_X.bin as --source."
+        )
         raise ImageSearchError(
-            f"{path} has MD5 {digest}, expected {md5} (the official STL-10 {path.name}). If it "
-            f"is your own file in the STL-10 binary format, pass the .bin file itself as --source."
+            f"{path} has MD5 {digest}, expected {md5} (the official STL-10 {path.name}). {hint}"
         )
     return digest
 
 
-def _ref(path: Path, fp: str) -> DataRef:
+def check_image_file(path: Path) -> int:
+    """The number of images in an STL-10 binary file; a clear error when it cannot be one."""
     size = path.stat().st_size
+    if size == 0:
+        raise ImageSearchError(
+            f"Image file {path} is empty; it holds no STL-10 images. Point --source at the real "
+            f"unlabeled_X.bin (or its tarball), or use --source sample."
+        )
+    if size % IMAGE_BYTES:
+        raise ImageSearchError(
+            f"Image file {path} has {size:,} bytes, not a multiple of {IMAGE_BYTES:,} (one "
+            f"96×96×3 STL-10 image): it is truncated or not in the STL-10 binary format."
+        )
+    return size // IMAGE_BYTES
+
+
+def _ref(path: Path, fp: str) -> DataRef:
+    size = check_image_file(path) * IMAGE_BYTES
     return DataRef(uri=str(path), rows=size // IMAGE_BYTES, fingerprint=fp)
 
 
 @contextlib.contextmanager
-def _lock(data_dir: Path) -> Iterator[None]:
-    """Serialise downloads and extraction into one data cache across processes."""
-    ensure_writable_dir(data_dir, "Data cache")
-    lock = FileLock(str(data_dir / ".lock"))
-    try:
-        lock.acquire(timeout=2)
-    except Timeout:
-        log.warning("another run is filling the data cache %s; waiting for it", data_dir)
-        lock.acquire()
-    try:
+def data_lock(data_dir: Path) -> Iterator[None]:
+    """Serialise downloads and extraction into one data cache across processes and pods.
+
+    Whoever holds it first removes the temporary files of a run that was killed mid-write.
+    """
+    with folder_lock(data_dir, "Data cache"):
+        for orphan in remove_orphan_temps(data_dir):
+            log.warning("removed %s, left behind by an interrupted run", orphan)
         yield
-    finally:
-        lock.release()
 
 
 def download_and_extract(
-    source: str, data_dir: Path | None = None, *, checksums: Checksums = OFFICIAL
+    source: str, data_dir: Path | None = None, *, checksums: Checksums | None = None
 ) -> DataRef:
     """Make ``unlabeled_X.bin`` available from ``source`` and return a reference to it.
 
@@ -349,6 +384,7 @@ def download_and_extract(
     ``sample``. A verified copy in the cache means no network access at all.
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    checksums = OFFICIAL if checksums is None else checksums
     source = source.strip()
     if source == "sample":
         from tasks.sample import ensure_sample
@@ -398,7 +434,7 @@ def _extract_into_cache(tarball: Path, data_dir: Path, checksums: Checksums) -> 
 
 
 def _from_url(url: str, data_dir: Path, checksums: Checksums) -> DataRef:
-    with _lock(data_dir):
+    with data_lock(data_dir):
         if (ref := _cached(data_dir, checksums)) is not None:
             return ref
         tarball = data_dir / TARBALL_NAME
@@ -414,11 +450,18 @@ def _from_url(url: str, data_dir: Path, checksums: Checksums) -> DataRef:
                 if not local.is_file():
                     raise ImageSearchError(f"Source {url!r}: no such file {local}.")
             download_file(url, tarball, checksums.tarball)
-        return _extract_into_cache(tarball, data_dir, checksums)
+        try:
+            return _extract_into_cache(tarball, data_dir, checksums)
+        except ImageSearchError as exc:
+            # The cache's own copy is useless; keeping it would fail every later run the same way.
+            tarball.unlink(missing_ok=True)
+            raise ImageSearchError(
+                f"{exc} The downloaded {tarball} was deleted; the next run downloads it again."
+            ) from exc
 
 
 def _from_tarball(tarball: Path, data_dir: Path, checksums: Checksums) -> DataRef:
-    with _lock(data_dir):
+    with data_lock(data_dir):
         if (ref := _cached(data_dir, checksums)) is not None:
             return ref
         verify_file(tarball, checksums.tarball, data_dir)
@@ -428,7 +471,8 @@ def _from_tarball(tarball: Path, data_dir: Path, checksums: Checksums) -> DataRe
 def _from_folder(folder: Path, data_dir: Path, checksums: Checksums) -> DataRef:
     for candidate in (folder / UNLABELED, folder / EXTRACT_DIR / UNLABELED):
         if candidate.is_file():
-            digest = verify_file(candidate, checksums.members.get(UNLABELED), data_dir)
+            with data_lock(data_dir):
+                digest = verify_file(candidate, checksums.members.get(UNLABELED), data_dir)
             return _ref(candidate, digest)
     tarball = folder / TARBALL_NAME
     if tarball.is_file():
@@ -447,7 +491,7 @@ def _retry_transient(task: Any, task_run: Any, state: State) -> bool:
 
 @task(
     retries=2,
-    retry_delay_seconds=[5, 30],
+    retry_delay_seconds=[5 * retry_backoff(), 30 * retry_backoff()],
     retry_condition_fn=_retry_transient,
     cache_policy=NO_CACHE,
 )

@@ -64,9 +64,13 @@ def make_sample_images(n: int = SAMPLE_IMAGES, seed: int = 0) -> np.ndarray:
 
 def ensure_sample(data_dir: Path, n: int = SAMPLE_IMAGES) -> DataRef:
     """Write the sample into ``data_dir`` once (atomically) and return a reference to it."""
+    from tasks.download import data_lock
+
     folder = ensure_writable_dir(data_dir / SAMPLE_DIR, "Data cache")
     target = folder / SAMPLE_FILE
-    if not target.exists() or target.stat().st_size != n * IMAGE_BYTES:
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(to_stl10_bytes(make_sample_images(n)))
+    # Under the cache's lock: runs started together write the sample once, not side by side.
+    with data_lock(data_dir):
+        if not target.exists() or target.stat().st_size != n * IMAGE_BYTES:
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(to_stl10_bytes(make_sample_images(n)))
     return DataRef(uri=str(target), rows=n, fingerprint=f"sample-{file_digest(target)[:12]}")
