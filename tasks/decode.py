@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +56,17 @@ def with_limit(dataset: DataRef, limit: int | None) -> DataRef:
     return DataRef(
         uri=dataset.uri, rows=limit, fingerprint=fingerprint(dataset.fingerprint, "limit", limit)
     )
+
+
+def release_pages(images: np.ndarray) -> None:
+    """Let the kernel drop the pages of ``images``' memory map from this process.
+
+    Read pages of a file mapping stay resident (and count as the process's memory) until
+    unmapped; ``MADV_DONTNEED`` releases them, and a later read simply faults them in again
+    from the page cache. A no-op for arrays that are not memory maps.
+    """
+    base = images
+    while base is not None and not isinstance(getattr(base, "_mmap", None), mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
+        base._mmap.madvise(mmap.MADV_DONTNEED)

@@ -37,7 +37,7 @@ from tasks.common import (
     mark_stage_done,
     quick_file_fingerprint,
 )
-from tasks.decode import read_all_images
+from tasks.decode import read_all_images, release_pages
 from tasks.split import read_split
 
 log = logging.getLogger(__name__)
@@ -362,6 +362,9 @@ def embed_split(
                 row += len(chunk)
                 bar.update(len(chunk))
             _write_parquet(_table(part_ids, out), parts / f"part-{p:05d}.parquet")
+            # Pages read from the map count as this process's memory until released; drop
+            # them per part so resident memory stays flat however large the file is.
+            release_pages(images)
     merged = {**metadata, "key": key, "rows": len(ids)}
     _merge_parts(parts, n_parts, dest, merged)
     shutil.rmtree(parts, ignore_errors=True)

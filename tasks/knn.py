@@ -27,6 +27,7 @@ from tasks.embed import Features, load_features
 log = logging.getLogger(__name__)
 
 REFERENCE = "sklearn"
+SKLEARN_WORKING_MEMORY_MIB = 256
 KNN_DIR = ".knn"
 
 
@@ -94,7 +95,11 @@ class SklearnBackend(Backend):
         self._nn = NearestNeighbors(algorithm="brute", n_jobs=-1).fit(index)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        dist, pos = self._nn.kneighbors(queries, n_neighbors=k)
+        from sklearn import config_context
+
+        # scikit-learn's default 1 GiB of scratch per chunk would dominate the flow's memory.
+        with config_context(working_memory=SKLEARN_WORKING_MEMORY_MIB):
+            dist, pos = self._nn.kneighbors(queries, n_neighbors=k)
         return dist.astype(np.float32), pos.astype(np.int64)
 
 

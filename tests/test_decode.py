@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tasks.common import IMAGE_BYTES, DataRef, ImageSearchError
-from tasks.decode import read_all_images, with_limit
+from tasks.decode import read_all_images, release_pages, with_limit
 from tasks.sample import to_stl10_bytes
 
 
@@ -81,3 +81,26 @@ def test_limit(tmp_path: Path) -> None:
             with_limit(ref, bad)
     with pytest.raises(ImageSearchError, match="use --limit 5 or less"):
         with_limit(ref, 9)
+
+
+def _rss_mib() -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS"))
+    return int(line.split()[1]) // 1024
+
+
+def test_release_pages_drops_resident_memory_and_keeps_data(tmp_path: Path) -> None:
+    path = tmp_path / "r.bin"
+    path.write_bytes(
+        np.random.default_rng(0).integers(0, 256, 4000 * IMAGE_BYTES, np.uint8).tobytes()
+    )
+    images = read_all_images(path)
+    before = _rss_mib()
+    total = int(images.sum(dtype=np.int64))  # touches all 110 MB of the map
+    touched = _rss_mib()
+    release_pages(images)
+    released = _rss_mib()
+    assert touched - before > 80
+    assert released - before < 20
+    assert int(images.sum(dtype=np.int64)) == total
+    release_pages(np.zeros(3))  # not a map: nothing to do
