@@ -22,10 +22,10 @@ from tasks.common import (
 SPLIT_FILE = "split.parquet"
 
 
-def split_ids(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffle ``range(n)`` with ``seed``; the first ``round(n * ratio)`` form the index.
+def check_split(n: int, ratio: float) -> tuple[int, int]:
+    """(n_index, n_query) for ``n`` images; a clear error when either side would be empty.
 
-    Returns (index_ids, query_ids), each int64 and sorted so reads follow the file order.
+    Cheap, so a flow can call it before it writes anything.
     """
     if not 0.0 < ratio < 1.0:
         raise ImageSearchError(f"split_ratio = {ratio}; it must lie strictly between 0 and 1.")
@@ -36,6 +36,15 @@ def split_ids(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
             f"split_ratio = {ratio} of {n} images leaves {n_index} index and {n_query} query "
             f"images; both need at least one. Use more images or a ratio nearer 0.5."
         )
+    return n_index, n_query
+
+
+def split_ids(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle ``range(n)`` with ``seed``; the first ``round(n * ratio)`` form the index.
+
+    Returns (index_ids, query_ids), each int64 and sorted so reads follow the file order.
+    """
+    n_index, _ = check_split(n, ratio)
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[:n_index]).astype(np.int64), np.sort(perm[n_index:]).astype(np.int64)
 
