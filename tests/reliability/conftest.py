@@ -1,0 +1,287 @@
+"""Reliability fixtures: a local HTTP server that misbehaves on command, real `image-search`
+processes that can be killed at a chosen moment, and byte-level snapshots of folders.
+
+Every server binds 127.0.0.1; every process a test starts is stopped by the fixture that
+started it, whatever the test's outcome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CHUNK = 64 * 1024
+VERIFIED = ".verified.json"  # the data cache's record of checked files
+
+
+class MisbehavingServer:
+    """Serves ``files`` on 127.0.0.1 with HTTP Range support, and misbehaves on command.
+
+    - ``rate``: bytes per second per response (0: as fast as possible), a slow network;
+    - ``cut_at[path] = n``: every response stops at absolute offset n and drops the
+      connection, a server that never delivers the whole file;
+    - ``cut_once[path] = [n, ...]``: the next responses send n bytes each, then drop;
+    - ``fail_status[path] = [code, ...]``: the next requests are answered with these errors.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.rate = 0
+        self.cut_at: dict[str, int] = {}
+        self.cut_once: dict[str, list[int]] = {}
+        self.fail_status: dict[str, list[int]] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.sent: dict[str, int] = {}  # body bytes written per path, all responses together
+        self.stopping = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                rng = self.headers.get("Range")
+                server.requests.append((self.path, rng))
+                statuses = server.fail_status.get(self.path)
+                if statuses:
+                    self.send_error(statuses.pop(0))
+                    return
+                data = server.files.get(self.path)
+                if data is None:
+                    self.send_error(404)
+                    return
+                start = int(rng[6:].split("-")[0]) if rng and rng.startswith("bytes=") else 0
+                if start >= len(data) and rng:
+                    self.send_error(416)
+                    return
+                if rng:
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                limit = len(body)
+                if self.path in server.cut_at:
+                    limit = max(server.cut_at[self.path] - start, 0)
+                once = server.cut_once.get(self.path)
+                if once:
+                    limit = min(limit, once.pop(0))
+                try:
+                    self._send(body[:limit])
+                except (BrokenPipeError, ConnectionResetError):
+                    return  # the client went away (killed, or gave up)
+                if limit < len(body):
+                    self.close_connection = True
+
+            def _send(self, body: bytes) -> None:
+                step = CHUNK if not server.rate else max(server.rate // 20, 1)
+                for i in range(0, len(body), step):
+                    if server.stopping.is_set():
+                        return
+                    self.wfile.write(body[i : i + step])
+                    self.wfile.flush()
+                    server.sent[self.path] = server.sent.get(self.path, 0) + len(body[i : i + step])
+                    if server.rate:
+                        time.sleep(step / server.rate)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.httpd.server_address[:2]
+        return str(host), int(port)
+
+    def url(self, path: str) -> str:
+        host, port = self.address
+        return f"http://{host}:{port}{path}"
+
+    def ranges(self, path: str) -> list[str | None]:
+        """The Range header of every request for ``path``, in order (None: no Range)."""
+        return [r for p, r in self.requests if p == path]
+
+    def __enter__(self) -> MisbehavingServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def server() -> Iterator[MisbehavingServer]:
+    with MisbehavingServer() as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def api_url(prefect_harness: None) -> str:
+    """The temporary Prefect API of this test session; child processes report to it too."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    assert url and url.startswith("http://127.0.0.1:"), url
+    return str(url)
+
+
+@dataclass
+class Proc:
+    """One `image-search` process with its output in files (so a kill loses nothing)."""
+
+    popen: subprocess.Popen[bytes]
+    stdout: Path
+    stderr: Path
+    rc: int | None = None
+
+    def err(self) -> str:
+        return self.stderr.read_text(errors="replace")
+
+    def out(self) -> str:
+        return self.stdout.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait(self, timeout: float = 240) -> int:
+        self.rc = self.popen.wait(timeout=timeout)
+        return self.rc
+
+    def kill(self) -> None:
+        """``kill -9`` the whole process group, as an evicted pod or an OOM kill would."""
+        if self.alive():
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.rc = self.popen.wait(timeout=30)
+
+
+@dataclass
+class Runner:
+    """Starts `image-search run ...` as real processes against the session's Prefect API."""
+
+    api_url: str
+    tmp: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def env(self, data: Path, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "PREFECT_API_URL": self.api_url,
+                "IMAGE_SEARCH_DATA": str(data),
+                "IMAGE_SEARCH_RETRY_BACKOFF": "0.01",
+                "PYTHONPATH": str(REPO),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(extra)
+        return env
+
+    def start(
+        self,
+        *args: str,
+        data: Path,
+        hooks: dict[str, str] | None = None,
+        preexec: Callable[[], Any] | None = None,
+    ) -> Proc:
+        """Start ``image-search run ARGS``; with ``hooks``, through the test driver."""
+        n = len(self.procs)
+        stdout, stderr = self.tmp / f"proc{n}.out", self.tmp / f"proc{n}.err"
+        module = "tests.reliability.driver" if hooks else "flows.cli"
+        with open(stdout, "wb") as o, open(stderr, "wb") as e:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", module, "run", *args],
+                cwd=REPO,
+                env=self.env(data, **(hooks or {})),
+                stdout=o,
+                stderr=e,
+                start_new_session=True,
+                preexec_fn=preexec,
+            )
+        proc = Proc(popen, stdout, stderr)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, *args: str, data: Path, timeout: float = 240, **kw: Any) -> Proc:
+        proc = self.start(*args, data=data, **kw)
+        proc.wait(timeout)
+        return proc
+
+
+@pytest.fixture
+def runner(api_url: str, tmp_path: Path) -> Iterator[Runner]:
+    r = Runner(api_url, tmp_path / "logs")
+    r.tmp.mkdir()
+    yield r
+    for proc in r.procs:
+        proc.kill()
+
+
+def wait_until(
+    condition: Callable[[], bool], what: str, proc: Proc | None = None, timeout: float = 120
+) -> None:
+    """Poll ``condition`` until it holds; fail if ``proc`` ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and not proc.alive():
+            raise AssertionError(
+                f"process ended (rc={proc.popen.returncode}) before {what}:\n{proc.err()[-3000:]}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def snapshot(*folders: Path) -> dict[Path, str]:
+    """SHA-256 of every file under ``folders``, lock files aside."""
+    files: dict[Path, str] = {}
+    for folder in folders:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and p.name != ".lock":
+                data = p.read_bytes()
+                files[p] = data.decode() if p.name == VERIFIED else hashlib.sha256(data).hexdigest()
+    return files
+
+
+def assert_unchanged(before: dict[Path, str], *folders: Path) -> None:
+    """Every file of ``before`` is still there with the same bytes, and no temporary file is
+    left; the data cache's verification record may only have gained entries."""
+    after = snapshot(*folders)
+    for path, digest in before.items():
+        assert path in after, f"{path} disappeared"
+        if path.name == VERIFIED and after[path] != digest:
+            old, new = json.loads(digest), json.loads(after[path])
+            assert all(new.get(k) == v for k, v in old.items()), f"{path} lost entries"
+            continue
+        assert after[path] == digest, f"{path} was changed"
+    leftovers = [p for p in after if p.name.endswith(".tmp")]
+    assert leftovers == [], f"temporary files left behind: {leftovers}"
+
+
+def latest_flow_run() -> Any:
+    """The most recently created flow run on the session's Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
+    return runs[0] if runs else None
