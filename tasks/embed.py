@@ -186,9 +186,10 @@ def _build(weights: str, seed: int) -> tuple[Any, ModelInfo]:
 
     kwargs: dict[str, Any] = {"include_top": False, "pooling": "max", "input_shape": INPUT_SHAPE}
     if weights == "none":
-        keras.utils.set_random_seed(seed)
         model = keras.applications.ResNet50(weights=None, **kwargs)
-        return model, ModelInfo("none", "random initialisation: features are NOT meaningful", seed)
+        _seeded_kernels(model, seed)
+        detail = "random initialisation (seeded He-normal kernels): features are NOT meaningful"
+        return model, ModelInfo("none", detail, seed)
     if weights == "imagenet":
         cached = keras_weights_path()
         if not cached.is_file():
@@ -215,6 +216,21 @@ def _build(weights: str, seed: int) -> tuple[Any, ModelInfo]:
         ) from exc
     label = "imagenet" if weights == "imagenet" else str(path)
     return model, ModelInfo(label, f"loaded from {path}", seed)
+
+
+def _seeded_kernels(model: Any, seed: int) -> None:
+    """Give every kernel He-normal values from a NumPy generator seeded with ``seed``.
+
+    Keras' own initialisers draw from process-global state, so two models built in one
+    process differed; this makes random weights a pure function of the seed. Biases and batch
+    normalisation keep their constant initial values.
+    """
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        if variable.path.endswith("kernel"):
+            shape = tuple(variable.shape)
+            fan_in = int(np.prod(shape[:-1]))
+            variable.assign(rng.normal(0.0, np.sqrt(2.0 / fan_in), shape).astype(np.float32))
 
 
 def make_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
@@ -266,6 +282,25 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise ImageSearchError(
             f"{path} carries no image-search metadata; it was not written by this pipeline."
         ) from exc
+
+
+def _refuse_foreign(path: Path) -> None:
+    """Refuse to replace a file at ``path`` that this pipeline did not write.
+
+    Our own features from other inputs are a stale cache entry and get replaced; anything
+    else (another model's or tool's Parquet) is the user's data.
+    """
+    if not path.exists():
+        return
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        meta = {}
+    if META_KEY not in meta:
+        raise ImageSearchError(
+            f"{path} exists but was not written by image-search (no image_search metadata); "
+            f"move it away or choose another --out."
+        )
 
 
 def feature_file_matches(path: Path, key: str, rows: int) -> bool:
@@ -428,6 +463,8 @@ def extract_features(
     paths = {"index": folder / "index.parquet", "query": folder / "query.parquet"}
     ids = {"index": index_ids, "query": query_ids}
     todo = [s for s in paths if not feature_file_matches(paths[s], key, len(ids[s]))]
+    for s in todo:
+        _refuse_foreign(paths[s])
     device = "cached"
     if todo:
         started = time.perf_counter()

@@ -207,3 +207,13 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
     grew_mib = int(proc.stdout.strip().splitlines()[-1])
     assert grew_mib < 200, f"peak memory grew by {grew_mib} MiB"
     assert pq.ParquetFile(tmp_path / "f.parquet").metadata.num_rows == 2000
+
+
+def test_random_weights_are_a_pure_function_of_the_seed() -> None:
+    a, _ = build_model("none", seed=3)
+    b, _ = build_model("none", seed=3)
+    c, _ = build_model("none", seed=4)
+    images = pattern_images(2)
+    fa, fb, fc = (make_forward(m)(images) for m in (a, b, c))
+    np.testing.assert_array_equal(fa, fb)
+    assert not np.allclose(fa, fc)

@@ -155,11 +155,6 @@ def test_bad_values_fail_the_run_cleanly(
     assert_unchanged(before, baseline.data, baseline.out, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flows/image_search.py writes samples.png (show) before split() finds that the "
-    "ratio leaves no queries; the split check belongs before show()",
-)
 def test_empty_split_is_refused_before_anything_is_written(
     baseline: Baseline, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -385,11 +380,6 @@ def _foreign_features(path: Path) -> None:
     pq.write_table(table.replace_schema_metadata({b"model": b"clip-vit-b32"}), path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tasks/embed.py extract_features silently overwrites a features file that it did "
-    "not write (no image-search metadata, other dimension); it should refuse and name it",
-)
 def test_foreign_features_file_is_refused_not_overwritten(
     baseline: Baseline, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -176,11 +176,6 @@ def test_two_runs_on_one_data_cache_download_once(
     assert a.read_bytes() == b.read_bytes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flows/image_search.py takes no lock on the output folder: a second run on the same "
-    "--out neither waits nor refuses, and removes the first run's part files under it",
-)
 def test_two_runs_on_one_output_folder_take_turns(runner: Runner, tmp_path: Path) -> None:
     data, out = tmp_path / "data", tmp_path / "out"
     args = ["--source", "sample", *SMALL_RUN, "--limit", "60", "--out", str(out)]
@@ -215,11 +210,6 @@ def test_two_runs_on_one_output_folder_take_turns(runner: Runner, tmp_path: Path
     assert json.loads((out / "compare.json").read_text())["passed"] is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flows/image_search.py does not clear temporary files a killed run left in --out "
-    "(tasks.common.remove_orphan_temps under tasks.common.folder_lock does it)",
-)
 def test_orphaned_temporary_files_are_cleared_on_the_next_run(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
