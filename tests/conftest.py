@@ -8,15 +8,14 @@ import hashlib
 import io
 import os
 import tarfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
 from tasks.sample import to_stl10_bytes
+from tests.http_server import MisbehavingServer
 
 # Before anything imports Prefect or TensorFlow: keep every byte on this machine.
 os.environ.update(
@@ -114,80 +113,9 @@ def fake_stl10() -> FakeStl10:
     return make_fake_stl10()
 
 
-class LocalServer:
-    """Serves ``files`` on 127.0.0.1 with HTTP Range support; can misbehave on command.
-
-    ``cut_after[path] = n``: the next response for ``path`` sends n bytes and drops the connection.
-    """
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.cut_after: dict[str, int] = {}
-        self.fail_status: dict[str, list[int]] = {}
-        self.requests: list[tuple[str, str | None]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                rng = self.headers.get("Range")
-                server.requests.append((self.path, rng))
-                statuses = server.fail_status.get(self.path)
-                if statuses:
-                    self.send_error(statuses.pop(0))
-                    return
-                data = server.files.get(self.path)
-                if data is None:
-                    self.send_error(404)
-                    return
-                start = 0
-                if rng and rng.startswith("bytes="):
-                    start = int(rng[6:].split("-")[0])
-                    if start >= len(data):
-                        self.send_error(416)
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                body = data[start:]
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Accept-Ranges", "bytes")
-                self.end_headers()
-                cut = server.cut_after.pop(self.path, None)
-                if cut is not None:
-                    self.wfile.write(body[:cut])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def base(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def url(self, path: str) -> str:
-        return self.base + path
-
-    def __enter__(self) -> LocalServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
-
-
 @pytest.fixture
-def http_server() -> Iterator[LocalServer]:
-    with LocalServer() as server:
+def http_server() -> Iterator[MisbehavingServer]:
+    with MisbehavingServer() as server:
         yield server
 
 

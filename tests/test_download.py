@@ -21,7 +21,7 @@ from tasks.download import (
     download_file,
     extract_members,
 )
-from tests.conftest import FakeStl10, LocalServer, make_tarball
+from tests.conftest import FakeStl10, MisbehavingServer, make_tarball
 
 TAR = "/stl10/stl10_binary.tar.gz"
 
@@ -40,7 +40,7 @@ def test_data_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 
 def test_download_verify_extract_decode(
-    http_server: LocalServer, fake_stl10: FakeStl10, tmp_path: Path
+    http_server: MisbehavingServer, fake_stl10: FakeStl10, tmp_path: Path
 ) -> None:
     http_server.files[TAR] = fake_stl10.tarball
     ref = download_and_extract(http_server.url(TAR), tmp_path, checksums=fake_stl10.checksums())
@@ -56,7 +56,7 @@ def test_download_verify_extract_decode(
 
 
 def test_verified_cache_means_no_network(
-    http_server: LocalServer, fake_stl10: FakeStl10, tmp_path: Path
+    http_server: MisbehavingServer, fake_stl10: FakeStl10, tmp_path: Path
 ) -> None:
     http_server.files[TAR] = fake_stl10.tarball
     download_and_extract(http_server.url(TAR), tmp_path, checksums=fake_stl10.checksums())
@@ -80,10 +80,10 @@ def test_downloaded_but_not_extracted_tarball_gets_extracted(
 
 
 def test_interrupted_download_resumes_with_range(
-    http_server: LocalServer, fake_stl10: FakeStl10, tmp_path: Path
+    http_server: MisbehavingServer, fake_stl10: FakeStl10, tmp_path: Path
 ) -> None:
     http_server.files[TAR] = fake_stl10.tarball
-    http_server.cut_after[TAR] = len(fake_stl10.tarball) // 3
+    http_server.cut_once[TAR] = [len(fake_stl10.tarball) // 3]
     dest = tmp_path / "x.tar.gz"
     download_file(http_server.url(TAR), dest, fake_stl10.tar_md5, backoff=0.01, progress=False)
     assert dest.read_bytes() == fake_stl10.tarball
@@ -93,7 +93,7 @@ def test_interrupted_download_resumes_with_range(
 
 
 def test_partial_file_from_a_killed_run_is_resumed(
-    http_server: LocalServer, fake_stl10: FakeStl10, tmp_path: Path
+    http_server: MisbehavingServer, fake_stl10: FakeStl10, tmp_path: Path
 ) -> None:
     http_server.files[TAR] = fake_stl10.tarball
     dest = tmp_path / "x.tar.gz"
@@ -105,7 +105,7 @@ def test_partial_file_from_a_killed_run_is_resumed(
 
 
 def test_transient_server_errors_are_retried(
-    http_server: LocalServer, fake_stl10: FakeStl10, tmp_path: Path
+    http_server: MisbehavingServer, fake_stl10: FakeStl10, tmp_path: Path
 ) -> None:
     http_server.files[TAR] = fake_stl10.tarball
     http_server.fail_status[TAR] = [503, 502]
@@ -116,7 +116,7 @@ def test_transient_server_errors_are_retried(
 
 
 def test_wrong_checksum_never_reaches_the_cache(
-    http_server: LocalServer, fake_stl10: FakeStl10, tmp_path: Path
+    http_server: MisbehavingServer, fake_stl10: FakeStl10, tmp_path: Path
 ) -> None:
     http_server.files[TAR] = fake_stl10.tarball
     bad = Checksums(tarball="0" * 32, members={})
@@ -166,7 +166,7 @@ def test_members_escaping_the_folder_are_refused(
     assert not dest.exists() or not any(dest.iterdir())
 
 
-def test_http_404_names_the_url(http_server: LocalServer, tmp_path: Path) -> None:
+def test_http_404_names_the_url(http_server: MisbehavingServer, tmp_path: Path) -> None:
     url = http_server.url("/missing.tar.gz")
     with pytest.raises(ImageSearchError, match=r"missing\.tar\.gz answered HTTP 404"):
         download_file(url, tmp_path / "x", None, progress=False)
