@@ -52,7 +52,7 @@ def image_search(params: SearchParams = SearchParams()) -> dict[str, str]:  # no
         )
         # Backends run one after another: each gets every core, so the timings are honest.
         runs = [knn(features, out, name, params.k) for name in backends]
-        summary = compare(runs, out, params.tolerance)
+        summary = compare(runs, features, out, params.tolerance)
         report(summary, runs, features, dataset, out, params.n_results, params.seed)
     return {
         "samples": str(out_dir / SAMPLES_FILE),

@@ -4,6 +4,7 @@ except where distances tie (STL-10 holds duplicate images), and the speed of eac
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,55 +22,74 @@ from tasks.common import (
     stage_is_done,
     write_json_atomic,
 )
+from tasks.embed import Features, load_features
 from tasks.knn import REFERENCE, SearchRun, load_neighbors
 
 COMPARE_FILE = "compare.json"
 NEIGHBORS_FILE = "neighbors.parquet"
-TIE_RTOL = 1e-4  # distances this close (relative to the median neighbour distance) are ties
+TIE_RTOL = 1e-6  # exact (float64) distances this close are equal: duplicates, not neighbours
+EXACT_CHUNK = 512
+
+ExactDistances = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def exact_distances_from(features: Features) -> ExactDistances:
+    """A function giving exact float64 distances between queries and chosen index images.
+
+    ``exact(query_ids (m,), neighbor_ids (m, k)) -> (m, k)`` float64, computed from the stored
+    float32 features. Used to decide ties and to measure each backend's own error.
+    """
+    index_ids, index = load_features(features.index.path)
+    query_ids, queries = load_features(features.query.path)
+    index_order, query_order = np.argsort(index_ids), np.argsort(query_ids)
+
+    def rows(ids: np.ndarray, all_ids: np.ndarray, order: np.ndarray) -> np.ndarray:
+        """Row positions of ``ids`` in ``all_ids`` (sorted by ``order``)."""
+        pos = order[np.clip(np.searchsorted(all_ids, ids, sorter=order), 0, len(order) - 1)]
+        if not np.array_equal(all_ids[pos], ids):
+            raise ImageSearchError("a backend returned image ids that are not in the features")
+        return np.asarray(pos)
+
+    def exact(qids: np.ndarray, nids: np.ndarray) -> np.ndarray:
+        out = np.empty(nids.shape, dtype=np.float64)
+        for start in range(0, len(qids), EXACT_CHUNK):
+            stop = start + EXACT_CHUNK
+            q = queries[rows(qids[start:stop], query_ids, query_order)].astype(np.float64)
+            x = index[rows(nids[start:stop], index_ids, index_order)].astype(np.float64)
+            out[start:stop] = np.sqrt(((x - q[:, None, :]) ** 2).sum(axis=-1))
+        return out
+
+    return exact
 
 
 def tie_rows(
-    ref_d: np.ndarray, ref_i: np.ndarray, got_d: np.ndarray, got_i: np.ndarray, tie_atol: float
+    ref_i: np.ndarray, got_i: np.ndarray, query_ids: np.ndarray, exact: ExactDistances
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Classify rows whose neighbour ids differ.
+    """Classify rows whose neighbour ids differ, on exact distances.
 
-    All arrays have shape (n_queries, k), sorted by distance. A differing row is a *tie* when the
-    two distance lists agree position by position within ``tie_atol`` and every id found by only
-    one side sits at the boundary distance (the k-th), where equally distant images can swap in;
-    reordering within a row is a tie when the swapped positions have equal distances.
+    ref_i, got_i: (n_queries, k) neighbour ids; query_ids: (n_queries,). A differing row is a
+    *tie* when both id lists are equally close to the query: their exact distances, sorted,
+    agree within ``TIE_RTOL``. Reported float32 distances are not used here, because their own
+    rounding (scikit-learn's reached 0.15 for identical images) would hide or invent ties.
     Returns (differs (n,) bool, is_tie (n,) bool).
     """
     differs = np.any(ref_i != got_i, axis=1)
     is_tie = np.zeros(len(ref_i), dtype=bool)
-    for row in np.flatnonzero(differs):
-        if np.any(np.abs(ref_d[row] - got_d[row]) > tie_atol):
-            continue
-        only_ref = set(ref_i[row].tolist()) - set(got_i[row].tolist())
-        only_got = set(got_i[row].tolist()) - set(ref_i[row].tolist())
-        boundary = ref_d[row, -1]
-        ok = all(
-            abs(float(ref_d[row, j]) - boundary) <= tie_atol
-            for j in range(ref_i.shape[1])
-            if ref_i[row, j] in only_ref
-        ) and all(
-            abs(float(got_d[row, j]) - boundary) <= tie_atol
-            for j in range(got_i.shape[1])
-            if got_i[row, j] in only_got
-        )
-        if ok:
-            # Within the shared ids, a different order must come from equal distances.
-            pos_ref = {int(v): j for j, v in enumerate(ref_i[row])}
-            for j, v in enumerate(got_i[row]):
-                jr = pos_ref.get(int(v))
-                if (
-                    jr is not None
-                    and jr != j
-                    and abs(float(ref_d[row, jr] - got_d[row, j])) > tie_atol
-                ):
-                    ok = False
-                    break
-        is_tie[row] = ok
+    rows = np.flatnonzero(differs)
+    if rows.size:
+        e_ref = np.sort(exact(query_ids[rows], ref_i[rows]), axis=1)
+        e_got = np.sort(exact(query_ids[rows], got_i[rows]), axis=1)
+        is_tie[rows] = np.all(np.isclose(e_got, e_ref, rtol=TIE_RTOL, atol=1e-9), axis=1)
     return differs, is_tie
+
+
+def error_vs_exact(
+    distances: np.ndarray, ids: np.ndarray, query_ids: np.ndarray, exact: ExactDistances
+) -> float:
+    """Largest absolute error of a backend's reported distances (n, k) against exact ones."""
+    if not distances.size:
+        return 0.0
+    return float(np.abs(distances.astype(np.float64) - exact(query_ids, ids)).max())
 
 
 def compare_one(
@@ -79,6 +99,7 @@ def compare_one(
     got_i: np.ndarray,
     query_ids: np.ndarray,
     tolerance: float,
+    exact: ExactDistances,
 ) -> dict[str, Any]:
     """Deviation, agreement and ties of one backend against the reference, JSON-ready.
 
@@ -89,13 +110,24 @@ def compare_one(
     dev = np.abs(got_d.astype(np.float64) - ref_d.astype(np.float64))
     scale = float(np.median(ref_d)) if ref_d.size else 0.0
     rel = dev / np.maximum(np.abs(ref_d.astype(np.float64)), np.finfo(np.float32).tiny)
-    tie_atol = max(TIE_RTOL * scale, 1e-6)
-    differs, is_tie = tie_rows(ref_d, ref_i, got_d, got_i, tie_atol)
+    differs, is_tie = tie_rows(ref_i, got_i, query_ids, exact)
     mismatched = differs & ~is_tie
     worst_row = int(np.argmax(dev.max(axis=1))) if dev.size else 0
     if mismatched.any():
         worst_row = int(np.flatnonzero(mismatched)[np.argmax(dev[mismatched].max(axis=1))])
     max_abs = float(dev.max()) if dev.size else 0.0
+    worst: dict[str, Any] = {"query_id": None}
+    if len(query_ids):
+        q = query_ids[worst_row : worst_row + 1]
+        worst = {
+            "query_id": int(q[0]),
+            "reference_ids": ref_i[worst_row].tolist(),
+            "reference_distances": ref_d[worst_row].tolist(),
+            "reference_exact_distances": exact(q, ref_i[worst_row : worst_row + 1])[0].tolist(),
+            "backend_ids": got_i[worst_row].tolist(),
+            "backend_distances": got_d[worst_row].tolist(),
+            "backend_exact_distances": exact(q, got_i[worst_row : worst_row + 1])[0].tolist(),
+        }
     return {
         "max_abs_deviation": max_abs,
         "max_rel_deviation": float(rel.max()) if rel.size else 0.0,
@@ -105,17 +137,11 @@ def compare_one(
         "rows_identical": int((~differs).sum()),
         "rows_tied": int(is_tie.sum()),
         "rows_mismatched": int(mismatched.sum()),
-        "tie_atol": tie_atol,
+        "tie_rtol": TIE_RTOL,
         "tolerance": tolerance,
         "distances_pass": bool(max_abs <= tolerance),
         "passed": bool(max_abs <= tolerance and not mismatched.any()),
-        "worst_query": {
-            "query_id": int(query_ids[worst_row]) if len(query_ids) else None,
-            "reference_ids": ref_i[worst_row].tolist() if len(ref_i) else [],
-            "reference_distances": ref_d[worst_row].tolist() if len(ref_d) else [],
-            "backend_ids": got_i[worst_row].tolist() if len(got_i) else [],
-            "backend_distances": got_d[worst_row].tolist() if len(got_d) else [],
-        },
+        "worst_query": worst,
     }
 
 
@@ -141,12 +167,16 @@ def write_neighbors(
         pq.write_table(pa.concat_tables(tables, promote_options="permissive"), tmp)
 
 
-def compare_runs(runs: list[SearchRun], out: Path, tolerance: float) -> dict[str, Any]:
+def compare_runs(
+    runs: list[SearchRun], features: Features, out: Path, tolerance: float
+) -> dict[str, Any]:
     """Compare every backend that ran with scikit-learn; write compare.json and neighbors.parquet.
 
-    Raises ImageSearchError naming the worst query when a backend really disagrees.
+    Ties are decided on exact distances from ``features``, and each backend's own distance
+    error is measured against them. Raises ImageSearchError naming the worst query when a
+    backend really disagrees.
     """
-    key = fingerprint("compare-v1", [r.model_dump() for r in runs], tolerance)
+    key = fingerprint("compare-v2", [r.model_dump() for r in runs], tolerance)
     done = stage_is_done(out, "compare", key, [out / COMPARE_FILE, out / NEIGHBORS_FILE])
     if done is not None:
         return dict(json.loads((out / COMPARE_FILE).read_text()))
@@ -156,6 +186,7 @@ def compare_runs(runs: list[SearchRun], out: Path, tolerance: float) -> dict[str
     loaded = {name: load_neighbors(run) for name, run in ran.items()}
     ref_q, ref_d, ref_i = loaded[REFERENCE]
     ref = ran[REFERENCE]
+    exact = exact_distances_from(features)
     backends: dict[str, Any] = {}
     for run in runs:
         entry: dict[str, Any] = {
@@ -183,8 +214,9 @@ def compare_runs(runs: list[SearchRun], out: Path, tolerance: float) -> dict[str
                     else None,
                 }
             )
+            entry["max_abs_error_vs_exact"] = error_vs_exact(d, i, ref_q, exact)
             if run.backend != REFERENCE:
-                entry.update(compare_one(ref_d, ref_i, d, i, ref_q, tolerance))
+                entry.update(compare_one(ref_d, ref_i, d, i, ref_q, tolerance, exact))
         backends[run.backend] = entry
     others = [b for b in backends if b != REFERENCE and backends[b]["available"]]
     summary = {
@@ -208,13 +240,20 @@ def compare_runs(runs: list[SearchRun], out: Path, tolerance: float) -> dict[str
             f"{failed[0]} disagrees with scikit-learn: max distance deviation "
             f"{b['max_abs_deviation']:.3g} (tolerance {tolerance}), {b['rows_mismatched']} "
             f"queries with different neighbours that are not ties. Worst query: image "
-            f"{w['query_id']}: sklearn {w['reference_ids']} at {w['reference_distances']}, "
-            f"{failed[0]} {w['backend_ids']} at {w['backend_distances']}. See {out / COMPARE_FILE}."
+            f"{w['query_id']}: sklearn {w['reference_ids']} at exact distances "
+            f"{_fmt(w['reference_exact_distances'])}, {failed[0]} {w['backend_ids']} at "
+            f"{_fmt(w['backend_exact_distances'])}. See {out / COMPARE_FILE}."
         )
     return summary
 
 
+def _fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
+
+
 @task(cache_policy=NO_CACHE)
-def compare(runs: list[SearchRun], out: str, tolerance: float) -> dict[str, Any]:
+def compare(
+    runs: list[SearchRun], features: Features, out: str, tolerance: float
+) -> dict[str, Any]:
     """Prefect task: the agreement verdict; a real disagreement fails the flow run."""
-    return compare_runs(runs, Path(out), tolerance)
+    return compare_runs(runs, features, Path(out), tolerance)

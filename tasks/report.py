@@ -41,6 +41,7 @@ def backend_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 "search s": round(b["search_seconds"], 4),
                 "speedup (search)": round(b["speedup_search"], 2) if b["speedup_search"] else None,
                 "max deviation": b.get("max_abs_deviation", 0.0),
+                "error vs exact": b["max_abs_error_vs_exact"],
                 "index agreement": round(b.get("index_agreement", 1.0), 6),
                 "ties": b.get("rows_tied", 0),
                 "cores used": b["cores_used"],
