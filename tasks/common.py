@@ -172,7 +172,7 @@ def remove_orphan_temps(folder: Path) -> list[Path]:
     Only safe while holding :func:`folder_lock` on ``folder``: a live run's temporary file looks
     the same as an orphan.
     """
-    removed = []
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for path in folder.rglob(".*.tmp"):

@@ -65,8 +65,8 @@ def release_pages(images: np.ndarray) -> None:
     unmapped; ``MADV_DONTNEED`` releases them, and a later read simply faults them in again
     from the page cache. A no-op for arrays that are not memory maps.
     """
-    base = images
+    base: object = images
     while base is not None and not isinstance(getattr(base, "_mmap", None), mmap.mmap):
         base = getattr(base, "base", None)
     if base is not None and hasattr(mmap, "MADV_DONTNEED"):
-        base._mmap.madvise(mmap.MADV_DONTNEED)
+        base._mmap.madvise(mmap.MADV_DONTNEED)  # type: ignore[attr-defined]

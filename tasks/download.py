@@ -99,7 +99,8 @@ def _open(url: str, start: int, timeout: float) -> http.client.HTTPResponse:
     if start:
         headers["Range"] = f"bytes={start}-"
     req = urllib.request.Request(url, headers=headers)
-    return urllib.request.urlopen(req, timeout=timeout)  # type: ignore[no-any-return]
+    response: http.client.HTTPResponse = urllib.request.urlopen(req, timeout=timeout)
+    return response
 
 
 def _offline_hint(url: str, dest: Path) -> str:
