@@ -100,7 +100,7 @@ def run_child(target: str, kwargs: dict[str, Any], timeout: float | None = None)
         spec = json.dumps({"target": target, "kwargs": kwargs, "out": str(out)})
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.harness", spec],
-            capture_output=True,
+            stderr=subprocess.PIPE,  # kept for the error; stdout (progress) goes straight through
             text=True,
             timeout=timeout,
             cwd=Path(__file__).resolve().parent.parent,
