@@ -425,13 +425,27 @@ def _merge_parts(parts: Path, n_parts: int, dest: Path, metadata: dict[str, Any]
 
 
 def load_features(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
-    """Read a feature file: (ids (n,) int64, embeddings (n, 2048) float32), no per-row copies."""
-    table = pq.read_table(path)
-    ids = table.column("image_id").to_numpy()
-    emb = table.column("embedding").combine_chunks()
-    dim = emb.type.list_size
-    values = emb.values.to_numpy(zero_copy_only=False)
-    return ids, values.reshape(-1, dim)
+    """Read a feature file: (ids (n,) int64, embeddings (n, d) float32).
+
+    Row group by row group into one preallocated array, so the peak is the array plus one row
+    group; reading the whole table first and then concatenating it held the data twice.
+    """
+    source = pq.ParquetFile(path)
+    n = source.metadata.num_rows
+    field = source.schema_arrow.field("embedding")
+    dim = field.type.list_size
+    ids = np.empty(n, dtype=np.int64)
+    emb = np.empty((n, dim), dtype=np.float32)
+    row = 0
+    for group in range(source.num_row_groups):
+        table = source.read_row_group(group, columns=["image_id", "embedding"])
+        m = table.num_rows
+        ids[row : row + m] = table.column("image_id").to_numpy()
+        for chunk in table.column("embedding").chunks:
+            values = chunk.flatten().to_numpy(zero_copy_only=False)
+            emb[row : row + len(chunk)] = values.reshape(-1, dim)
+            row += len(chunk)
+    return ids, emb
 
 
 @dataclass(frozen=True)
