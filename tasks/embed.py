@@ -188,7 +188,7 @@ def _build(weights: str, seed: int) -> tuple[Any, ModelInfo]:
     if weights == "none":
         model = keras.applications.ResNet50(weights=None, **kwargs)
         _seeded_kernels(model, seed)
-        detail = "random initialisation (seeded He-normal kernels): features are NOT meaningful"
+        detail = "random initialisation (seeded Glorot-uniform): features are NOT meaningful"
         return model, ModelInfo("none", detail, seed)
     if weights == "imagenet":
         cached = keras_weights_path()
@@ -219,18 +219,22 @@ def _build(weights: str, seed: int) -> tuple[Any, ModelInfo]:
 
 
 def _seeded_kernels(model: Any, seed: int) -> None:
-    """Give every kernel He-normal values from a NumPy generator seeded with ``seed``.
+    """Give every kernel Glorot-uniform values (Keras' default) from NumPy seeded with ``seed``.
 
     Keras' own initialisers draw from process-global state, so two models built in one
     process differed; this makes random weights a pure function of the seed. Biases and batch
-    normalisation keep their constant initial values.
+    normalisation keep their constant initial values. (He-normal kernels, without trained
+    batch statistics, grew the features to distances of 10^4, where float32 search libraries
+    drift by whole units.)
     """
     rng = np.random.default_rng(seed)
     for variable in model.weights:
         if variable.path.endswith("kernel"):
             shape = tuple(variable.shape)
-            fan_in = int(np.prod(shape[:-1]))
-            variable.assign(rng.normal(0.0, np.sqrt(2.0 / fan_in), shape).astype(np.float32))
+            receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+            fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            variable.assign(rng.uniform(-limit, limit, shape).astype(np.float32))
 
 
 def make_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
