@@ -8,7 +8,6 @@ Every backend is imported lazily: a missing package or CUDA device makes the bac
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import time
 from abc import ABC, abstractmethod
@@ -23,8 +22,6 @@ from pydantic import BaseModel
 
 from tasks.common import ImageSearchError, atomic_path, fingerprint, mark_stage_done, stage_is_done
 from tasks.embed import Features, load_features
-
-log = logging.getLogger(__name__)
 
 REFERENCE = "sklearn"
 SKLEARN_WORKING_MEMORY_MIB = 256
