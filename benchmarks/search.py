@@ -1,4 +1,4 @@
-"""Exact search cases: the float32 GEMM ceiling, ``tasks.exact``, scikit-learn, FAISS, cuML.
+"""Exact search cases: the float32 GEMM ceiling, ``tasks.search.exact``, scikit-learn, FAISS, cuML.
 
 One data set (synthetic ReLU-like float32 features with duplicate rows, like ResNet max-pool
 outputs of a photo set with repeats) is written once; every backend then runs in its own child
@@ -22,7 +22,7 @@ FULL = {"n_index": 90_000, "n_queries": 10_000, "dim": 2048, "k": 3, "repeats": 
 QUICK = {"n_index": 3_000, "n_queries": 300, "dim": 2048, "k": 3, "repeats": 3, "check": 300}
 BACKENDS = ["gemm", "exact", "sklearn", "faiss", "cuml"]
 # Distances of float32 backends agree with float64 to this (the project's stated tolerance);
-# tasks.exact re-measures its winners in float64 and is held to the tighter one.
+# tasks.search.exact re-measures its winners in float64 and is held to the tighter one.
 RTOL, ATOL = 1e-4, 1e-3
 RTOL_EXACT, ATOL_EXACT = 1e-6, 1e-5
 
@@ -61,7 +61,7 @@ def backend_child(backend: str, data_dir: str, k: int, tag: str) -> dict[str, An
     extra: dict[str, Any] = {}
     with threadpool_limits(limits=n):  # every pool gets all cores, whoever loaded it first
         if backend == "gemm":
-            from tasks.exact import default_block
+            from tasks.search.exact import default_block
 
             block = default_block(len(index))
             scratch = np.empty((min(block, len(queries)), len(index)), dtype=np.float32)
@@ -78,7 +78,7 @@ def backend_child(backend: str, data_dir: str, k: int, tag: str) -> dict[str, An
 
             extra["block"] = block
         elif backend == "exact":
-            from tasks.exact import default_block, prepare_index, search_prepared
+            from tasks.search.exact import default_block, prepare_index, search_prepared
 
             def fit() -> Any:
                 return prepare_index(index)
@@ -208,7 +208,7 @@ def agreement(
 
 
 def search(quick: bool = False) -> dict[str, Any]:
-    """Exact 3-NN of every query: blocked-GEMM ceiling vs tasks.exact vs scikit-learn vs FAISS
+    """Exact 3-NN of every query: blocked-GEMM ceiling vs tasks.search.exact vs scikit-learn vs FAISS
     (vs cuML where a GPU is present)."""
     size = QUICK if quick else FULL
     k = size["k"]

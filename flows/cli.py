@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from flows.params import BACKEND_NAMES, SearchParams
-from tasks.common import ImageSearchError
+from tasks.errors import ImageSearchError
 
 
 def _option(name: str) -> str:

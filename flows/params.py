@@ -7,10 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-OFFICIAL_URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
+from tasks.search.backends import BACKEND_NAMES, BackendName
+from tasks.sources.stl10 import OFFICIAL_URL
 
-BackendName = Literal["cuml", "sklearn", "faiss", "numpy"]
-BACKEND_NAMES: tuple[str, ...] = ("cuml", "sklearn", "faiss", "numpy")
+__all__ = ["BACKEND_NAMES", "OFFICIAL_URL", "BackendName", "SearchParams"]
 
 
 class SearchParams(BaseModel):

@@ -3,27 +3,22 @@ except where distances tie (STL-10 holds duplicate images), and the speed of eac
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
 
-from tasks.common import (
-    ImageSearchError,
-    atomic_path,
-    fingerprint,
-    mark_stage_done,
-    stage_is_done,
-    write_json_atomic,
-)
-from tasks.embed import Features, load_features
-from tasks.knn import REFERENCE, SearchRun, load_neighbors
+from tasks.errors import ImageSearchError
+from tasks.features.embed import Features
+from tasks.features.store import load_features
+from tasks.search.backends import REFERENCE
+from tasks.search.knn import SearchRun, load_neighbors, stage_name
+from tasks.storage import RunFolder, atomic_path, write_json_atomic
 
 COMPARE_FILE = "compare.json"
 NEIGHBORS_FILE = "neighbors.parquet"
@@ -92,6 +87,36 @@ def error_vs_exact(
     return float(np.abs(distances.astype(np.float64) - exact(query_ids, ids)).max())
 
 
+class WorstQuery(BaseModel):
+    """The query whose answer deviates most, with both answers and their exact distances."""
+
+    query_id: int
+    reference_ids: list[int]
+    reference_distances: list[float]
+    reference_exact_distances: list[float]
+    backend_ids: list[int]
+    backend_distances: list[float]
+    backend_exact_distances: list[float]
+
+
+class Agreement(BaseModel):
+    """How one backend's answer compares with the reference's, on the same queries."""
+
+    max_abs_deviation: float
+    max_rel_deviation: float
+    median_neighbor_distance: float
+    abs_deviation_over_median_distance: float
+    index_agreement: float
+    rows_identical: int
+    rows_tied: int
+    rows_mismatched: int
+    tie_rtol: float
+    tolerance: float
+    distances_pass: bool
+    passed: bool
+    worst_query: WorstQuery | None
+
+
 def compare_one(
     ref_d: np.ndarray,
     ref_i: np.ndarray,
@@ -100,8 +125,8 @@ def compare_one(
     query_ids: np.ndarray,
     tolerance: float,
     exact: ExactDistances,
-) -> dict[str, Any]:
-    """Deviation, agreement and ties of one backend against the reference, JSON-ready.
+) -> Agreement:
+    """Deviation, agreement and ties of one backend against the reference.
 
     ref_*/got_*: (n_queries, k) distances (float32) and neighbour ids (int64).
     """
@@ -116,33 +141,33 @@ def compare_one(
     if mismatched.any():
         worst_row = int(np.flatnonzero(mismatched)[np.argmax(dev[mismatched].max(axis=1))])
     max_abs = float(dev.max()) if dev.size else 0.0
-    worst: dict[str, Any] = {"query_id": None}
+    worst = None
     if len(query_ids):
         q = query_ids[worst_row : worst_row + 1]
-        worst = {
-            "query_id": int(q[0]),
-            "reference_ids": ref_i[worst_row].tolist(),
-            "reference_distances": ref_d[worst_row].tolist(),
-            "reference_exact_distances": exact(q, ref_i[worst_row : worst_row + 1])[0].tolist(),
-            "backend_ids": got_i[worst_row].tolist(),
-            "backend_distances": got_d[worst_row].tolist(),
-            "backend_exact_distances": exact(q, got_i[worst_row : worst_row + 1])[0].tolist(),
-        }
-    return {
-        "max_abs_deviation": max_abs,
-        "max_rel_deviation": float(rel.max()) if rel.size else 0.0,
-        "median_neighbor_distance": scale,
-        "abs_deviation_over_median_distance": max_abs / scale if scale else 0.0,
-        "index_agreement": float(np.mean(ref_i == got_i)) if ref_i.size else 1.0,
-        "rows_identical": int((~differs).sum()),
-        "rows_tied": int(is_tie.sum()),
-        "rows_mismatched": int(mismatched.sum()),
-        "tie_rtol": TIE_RTOL,
-        "tolerance": tolerance,
-        "distances_pass": bool(max_abs <= tolerance),
-        "passed": bool(max_abs <= tolerance and not mismatched.any()),
-        "worst_query": worst,
-    }
+        worst = WorstQuery(
+            query_id=int(q[0]),
+            reference_ids=ref_i[worst_row].tolist(),
+            reference_distances=ref_d[worst_row].tolist(),
+            reference_exact_distances=exact(q, ref_i[worst_row : worst_row + 1])[0].tolist(),
+            backend_ids=got_i[worst_row].tolist(),
+            backend_distances=got_d[worst_row].tolist(),
+            backend_exact_distances=exact(q, got_i[worst_row : worst_row + 1])[0].tolist(),
+        )
+    return Agreement(
+        max_abs_deviation=max_abs,
+        max_rel_deviation=float(rel.max()) if rel.size else 0.0,
+        median_neighbor_distance=scale,
+        abs_deviation_over_median_distance=max_abs / scale if scale else 0.0,
+        index_agreement=float(np.mean(ref_i == got_i)) if ref_i.size else 1.0,
+        rows_identical=int((~differs).sum()),
+        rows_tied=int(is_tie.sum()),
+        rows_mismatched=int(mismatched.sum()),
+        tie_rtol=TIE_RTOL,
+        tolerance=tolerance,
+        distances_pass=bool(max_abs <= tolerance),
+        passed=bool(max_abs <= tolerance and not mismatched.any()),
+        worst_query=worst,
+    )
 
 
 def write_neighbors(
@@ -167,84 +192,162 @@ def write_neighbors(
         pq.write_table(pa.concat_tables(tables, promote_options="permissive"), tmp)
 
 
-def compare_runs(
+class BackendResult(BaseModel):
+    """One backend in ``compare.json``: what ran, how fast, how exact, and the verdict."""
+
+    device: str
+    available: bool
+    reason: str | None = None
+    fit_seconds: float | None = None
+    search_seconds: float | None = None
+    load_seconds: float | None = None
+    cores_used: float | None = None
+    threads: dict[str, int] = {}
+    speedup_search: float | None = None
+    speedup_fit_search: float | None = None
+    max_abs_error_vs_exact: float | None = None
+    exact_error_pass: bool | None = None
+    agreement: Agreement | None = None
+
+    @property
+    def passed(self) -> bool:
+        """Within tolerance of the exact distances, and (if compared) agreeing with the
+        reference; an unavailable backend neither passes nor fails."""
+        if not self.available:
+            return True
+        return bool(self.exact_error_pass) and (self.agreement is None or self.agreement.passed)
+
+
+class Comparison(BaseModel):
+    """The verdict of a run: every backend against the reference and the exact distances.
+    ``compare.json`` is this model's JSON."""
+
+    reference: str
+    n_queries: int
+    k: int
+    tolerance: float
+    compared: list[str]
+    passed: bool
+    failure: str | None = None
+    backends: dict[str, BackendResult]
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def summarise(
     runs: list[SearchRun], features: Features, out: Path, tolerance: float
-) -> dict[str, Any]:
-    """Compare every backend that ran with scikit-learn; write compare.json and neighbors.parquet.
+) -> tuple[Comparison, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Compare every backend that ran with scikit-learn and with exact distances.
 
     Ties are decided on exact distances from ``features``, and each backend's own distance
-    error is measured against them. Raises ImageSearchError naming the worst query when a
-    backend really disagrees.
+    error is measured against them: an error above ``tolerance`` fails the backend even when
+    it agrees with the reference (wrong neighbours cannot pass by agreeing with each other).
+    Returns the comparison and the loaded neighbours of each backend.
     """
-    key = fingerprint("compare-v2", [r.model_dump() for r in runs], tolerance)
-    done = stage_is_done(out, "compare", key, [out / COMPARE_FILE, out / NEIGHBORS_FILE])
-    if done is not None:
-        return dict(json.loads((out / COMPARE_FILE).read_text()))
     ran = {r.backend: r for r in runs if r.available}
     if REFERENCE not in ran:
         raise ImageSearchError("the scikit-learn reference did not run; nothing to compare with")
-    loaded = {name: load_neighbors(run) for name, run in ran.items()}
+    loaded = {name: load_neighbors(run, out) for name, run in ran.items()}
     ref_q, ref_d, ref_i = loaded[REFERENCE]
     ref = ran[REFERENCE]
     exact = exact_distances_from(features)
-    backends: dict[str, Any] = {}
+    backends: dict[str, BackendResult] = {}
     for run in runs:
-        entry: dict[str, Any] = {
-            "device": run.device,
-            "available": run.available,
-            "reason": run.reason,
-        }
+        entry = BackendResult(device=run.device, available=run.available, reason=run.reason)
         if run.available:
             q, d, i = loaded[run.backend]
             if not np.array_equal(q, ref_q):
                 raise ImageSearchError(f"backend {run.backend} searched other queries than sklearn")
-            entry.update(
-                {
+            error = error_vs_exact(d, i, ref_q, exact)
+            entry = entry.model_copy(
+                update={
                     "fit_seconds": run.fit_seconds,
                     "search_seconds": run.search_seconds,
                     "load_seconds": run.load_seconds,
                     "cores_used": run.cores_used,
                     "threads": run.threads,
-                    "speedup_search": ref.search_seconds / run.search_seconds
-                    if run.search_seconds
-                    else None,
-                    "speedup_fit_search": (ref.fit_seconds + ref.search_seconds)
-                    / (run.fit_seconds + run.search_seconds)
-                    if run.fit_seconds + run.search_seconds
-                    else None,
+                    "speedup_search": _ratio(ref.search_seconds, run.search_seconds),
+                    "speedup_fit_search": _ratio(
+                        ref.fit_seconds + ref.search_seconds, run.fit_seconds + run.search_seconds
+                    ),
+                    "max_abs_error_vs_exact": error,
+                    "exact_error_pass": error <= tolerance,
+                    "agreement": None
+                    if run.backend == REFERENCE
+                    else compare_one(ref_d, ref_i, d, i, ref_q, tolerance, exact),
                 }
             )
-            entry["max_abs_error_vs_exact"] = error_vs_exact(d, i, ref_q, exact)
-            if run.backend != REFERENCE:
-                entry.update(compare_one(ref_d, ref_i, d, i, ref_q, tolerance, exact))
         backends[run.backend] = entry
-    others = [b for b in backends if b != REFERENCE and backends[b]["available"]]
-    summary = {
-        "reference": REFERENCE,
-        "n_queries": len(ref_q),
-        "k": int(ref_d.shape[1]),
-        "tolerance": tolerance,
-        "compared": others,
-        "passed": all(backends[b]["passed"] for b in others) if others else None,
-        "backends": backends,
-    }
-    write_json_atomic(out / COMPARE_FILE, summary)
-    write_neighbors(out / NEIGHBORS_FILE, loaded)
-    failed = [b for b in others if not backends[b]["passed"]]
-    if not failed:
-        mark_stage_done(out, "compare", key)
-    if failed:
-        b = backends[failed[0]]
-        w = b["worst_query"]
-        raise ImageSearchError(
-            f"{failed[0]} disagrees with scikit-learn: max distance deviation "
-            f"{b['max_abs_deviation']:.3g} (tolerance {tolerance}), {b['rows_mismatched']} "
-            f"queries with different neighbours that are not ties. Worst query: image "
-            f"{w['query_id']}: sklearn {w['reference_ids']} at exact distances "
-            f"{_fmt(w['reference_exact_distances'])}, {failed[0]} {w['backend_ids']} at "
-            f"{_fmt(w['backend_exact_distances'])}. See {out / COMPARE_FILE}."
+    others = [b for b in backends if b != REFERENCE and backends[b].available]
+    failed = [b for b, r in backends.items() if not r.passed]
+    summary = Comparison(
+        reference=REFERENCE,
+        n_queries=len(ref_q),
+        k=int(ref_d.shape[1]),
+        tolerance=tolerance,
+        compared=others,
+        passed=not failed,
+        failure=_failure(failed[0], backends[failed[0]], tolerance) if failed else None,
+        backends=backends,
+    )
+    return summary, loaded
+
+
+def _failure(name: str, b: BackendResult, tolerance: float) -> str:
+    """One paragraph that says which backend failed, how, and on which query."""
+    a = b.agreement
+    if a is None or a.passed:
+        return (
+            f"{name} reports distances up to {b.max_abs_error_vs_exact:.3g} away from the exact "
+            f"distances of the neighbours it returned (tolerance {tolerance}): its answer is "
+            f"wrong, whatever it agrees with."
         )
+    msg = (
+        f"{name} disagrees with scikit-learn: max distance deviation {a.max_abs_deviation:.3g} "
+        f"(tolerance {tolerance}), {a.rows_mismatched} queries with different neighbours that "
+        f"are not ties."
+    )
+    if w := a.worst_query:
+        msg += (
+            f" Worst query: image {w.query_id}: sklearn {w.reference_ids} at exact distances "
+            f"{_fmt(w.reference_exact_distances)}, {name} {w.backend_ids} at "
+            f"{_fmt(w.backend_exact_distances)}."
+        )
+    return msg
+
+
+def compare_runs(
+    runs: list[SearchRun], features: Features, run: RunFolder, tolerance: float
+) -> Comparison:
+    """Write ``compare.json`` and ``neighbors.parquet`` unless the same comparison is there.
+
+    A failed comparison is a result too (the flow fails the run after its outputs are in
+    place, so the user can read why).
+    """
+    searched = [r.model_dump(exclude={"path"}) for r in runs]
+    stage = run.stage(
+        "compare",
+        [features.index.fingerprint, features.query.fingerprint, searched, tolerance],
+        [COMPARE_FILE, NEIGHBORS_FILE],
+        code=["tasks.compare"],
+    )
+    if stage.done() is not None:
+        try:
+            return Comparison.model_validate_json(stage.path(COMPARE_FILE).read_text())
+        except ValueError:
+            pass  # unreadable although its hash matched: recompute below
+    summary, loaded = summarise(runs, features, run.out, tolerance)
+    write_json_atomic(stage.path(COMPARE_FILE), summary.model_dump(mode="json"))
+    write_neighbors(stage.path(NEIGHBORS_FILE), loaded)
+    stage.finish()
     return summary
+
+
+def stages_of(runs: list[SearchRun]) -> list[str]:
+    """The stage names a comparison of ``runs`` reads from."""
+    return [stage_name(r.backend) for r in runs if r.available]
 
 
 def _fmt(values: list[float]) -> str:
@@ -252,8 +355,6 @@ def _fmt(values: list[float]) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def compare(
-    runs: list[SearchRun], features: Features, out: str, tolerance: float
-) -> dict[str, Any]:
-    """Prefect task: the agreement verdict; a real disagreement fails the flow run."""
-    return compare_runs(runs, features, Path(out), tolerance)
+def compare(runs: list[SearchRun], features: Features, out: str, tolerance: float) -> Comparison:
+    """Prefect task: the agreement verdict (the flow fails the run when it did not pass)."""
+    return compare_runs(runs, features, RunFolder(Path(out)), tolerance)

@@ -10,14 +10,8 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import (
-    DataRef,
-    ImageSearchError,
-    atomic_path,
-    fingerprint,
-    mark_stage_done,
-    stage_is_done,
-)
+from tasks.errors import ImageSearchError
+from tasks.storage import DataRef, RunFolder, atomic_path
 
 SPLIT_FILE = "split.parquet"
 
@@ -65,11 +59,25 @@ def write_split(path: Path, index_ids: np.ndarray, query_ids: np.ndarray) -> Non
 
 
 def read_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``split.parquet`` back into sorted (index_ids, query_ids)."""
-    table = pq.read_table(path)
-    ids = table.column("image_id").to_numpy()
-    labels = np.asarray(table.column("split").to_pylist())
-    return ids[labels == "index"], ids[labels == "query"]
+    """Read ``split.parquet`` back into sorted (index_ids, query_ids), checked: unique ids, each
+    on one side, both sides non-empty. A damaged file is a clear error naming it."""
+    try:
+        table = pq.read_table(path)
+        ids = table.column("image_id").to_numpy()
+        labels = np.asarray(table.column("split").to_pylist())
+    except (OSError, pa.ArrowInvalid, KeyError) as exc:
+        raise ImageSearchError(f"Cannot read {path} ({exc}); delete it and run again.") from exc
+    index_ids, query_ids = ids[labels == "index"], ids[labels == "query"]
+    problem = None
+    if len(np.unique(ids)) != len(ids):
+        problem = "an image id appears more than once"
+    elif len(index_ids) + len(query_ids) != len(ids):
+        problem = "a row is neither 'index' nor 'query'"
+    elif not len(index_ids) or not len(query_ids):
+        problem = "one side is empty"
+    if problem:
+        raise ImageSearchError(f"{path} is damaged: {problem}; delete it and run again.")
+    return np.sort(index_ids), np.sort(query_ids)
 
 
 class SplitRef(DataRef):
@@ -79,18 +87,19 @@ class SplitRef(DataRef):
     n_query: int
 
 
-def split_dataset(dataset: DataRef, out: Path, ratio: float, seed: int) -> SplitRef:
-    """Split ``dataset`` into ``out/split.parquet`` unless the same split is already there."""
-    path = out / SPLIT_FILE
-    key = fingerprint("split", dataset.fingerprint, dataset.rows, ratio, seed)
+def split_dataset(dataset: DataRef, run: RunFolder, ratio: float, seed: int) -> SplitRef:
+    """Split ``dataset`` into ``split.parquet`` unless the same split is already there."""
     index_ids, query_ids = split_ids(dataset.rows, ratio, seed)
-    if stage_is_done(out, "split", key, [path]) is None:
-        write_split(path, index_ids, query_ids)
-        mark_stage_done(out, "split", key)
+    stage = run.stage(
+        "split", [dataset.fingerprint, dataset.rows, ratio, seed], [SPLIT_FILE], ["tasks.split"]
+    )
+    if stage.done() is None:
+        write_split(stage.path(SPLIT_FILE), index_ids, query_ids)
+        stage.finish()
     return SplitRef(
-        uri=str(path),
+        uri=str(stage.path(SPLIT_FILE)),
         rows=dataset.rows,
-        fingerprint=key,
+        fingerprint=stage.digest(),
         n_index=len(index_ids),
         n_query=len(query_ids),
     )
@@ -99,4 +108,4 @@ def split_dataset(dataset: DataRef, out: Path, ratio: float, seed: int) -> Split
 @task(cache_policy=NO_CACHE)
 def split(dataset: DataRef, out: str, ratio: float, seed: int) -> SplitRef:
     """Prefect task: the index/query split as a reference to ``split.parquet``."""
-    return split_dataset(dataset, Path(out), ratio, seed)
+    return split_dataset(dataset, RunFolder(Path(out)), ratio, seed)

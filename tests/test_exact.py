@@ -1,11 +1,11 @@
-"""tasks.exact against a float64 NumPy brute force: distances, positions, ties, validation."""
+"""tasks.search.exact against a float64 NumPy brute force: distances, positions, ties, validation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tasks.exact import default_block, exact_knn, prepare_index, search_prepared
+from tasks.search.exact import default_block, exact_knn, prepare_index, search_prepared
 
 # Refined distances are measured in float64 and rounded once to float32.
 RTOL, ATOL = 1e-6, 1e-6

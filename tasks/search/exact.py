@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import itertools
 import operator
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
+from tasks.hardware import cpu_count
 
 __all__ = ["PreparedIndex", "exact_knn", "prepare_index", "search_prepared"]
 
@@ -72,13 +73,6 @@ def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise ValueError(f"Expected finite values, but {name} contains NaN or infinity")
     return arr
-
-
-def _workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def prepare_index(index: np.ndarray) -> PreparedIndex:
@@ -222,7 +216,7 @@ def search_prepared(
         return distances, indices
     block = min(block, n_queries)
     scratch = np.empty((block, n_index), dtype=np.float32)  # reused: no page faults per block
-    workers = min(_workers(), block)
+    workers = min(cpu_count(), block)
     data_t = prepared.data.T
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for b0 in range(0, n_queries, block):

@@ -1,4 +1,5 @@
-"""Picture grids of images: the dataset preview (``samples.png``) and its Prefect artifact."""
+"""Pictures of images: titled grids, PNG files written atomically, and Markdown that embeds a
+picture in a Prefect artifact."""
 
 from __future__ import annotations
 
@@ -9,14 +10,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from prefect import task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
-from tasks.common import DataRef, atomic_path, fingerprint, mark_stage_done, stage_is_done
-from tasks.decode import read_all_images
+from tasks.storage import atomic_path
 
-SAMPLES_FILE = "samples.png"
 MAX_EMBED_BYTES = 1_000_000  # the server drops events above ~1.4 MB; base64 adds a third
 
 
@@ -73,32 +69,3 @@ def markdown_image(picture: Image.Image, alt: str) -> str:
         img = img.resize((img.width * 3 // 4, img.height * 3 // 4))
     data = base64.b64encode(buf.getvalue()).decode()
     return f"![{alt}](data:image/jpeg;base64,{data})"
-
-
-def show_samples(dataset: DataRef, out: Path, n_show: int, seed: int) -> Path:
-    """Write ``samples.png``: ``n_show`` random images of the dataset, titled with their ids."""
-    path = out / SAMPLES_FILE
-    key = fingerprint("show-v1", dataset.fingerprint, dataset.rows, n_show, seed)
-    if stage_is_done(out, "show", key, [path]) is not None:
-        return path
-    images = read_all_images(dataset.uri, dataset.rows)
-    rng = np.random.default_rng(seed)
-    ids = np.sort(rng.choice(len(images), size=min(n_show, len(images)), replace=False))
-    picture = image_grid(images[ids], [f"#{i}" for i in ids])
-    save_png(picture, path)
-    mark_stage_done(out, "show", key)
-    return path
-
-
-@task(cache_policy=NO_CACHE)
-def show(dataset: DataRef, out: str, n_show: int, seed: int) -> str:
-    """Prefect task: the dataset preview, also shown in the UI as an artifact."""
-    path = show_samples(dataset, Path(out), n_show, seed)
-    with Image.open(path) as picture:
-        body = markdown_image(picture, "random images of the dataset")
-    create_markdown_artifact(
-        key="samples",
-        markdown=f"### {n_show} random images of {Path(dataset.uri).name}\n\n{body}\n\n`{path}`",
-        description="A grid of random images from the dataset",
-    )
-    return str(path)

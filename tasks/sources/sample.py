@@ -13,7 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.common import IMAGE_BYTES, DataRef, atomic_path, ensure_writable_dir, file_digest
+from tasks.errors import ImageSearchError
+from tasks.sources.cache import data_lock
+from tasks.sources.stl10 import IMAGE_BYTES
+from tasks.storage import DataRef, atomic_path, file_digest
 
 SAMPLE_IMAGES = 2000
 SAMPLE_VERSION = "v1"
@@ -64,13 +67,15 @@ def make_sample_images(n: int = SAMPLE_IMAGES, seed: int = 0) -> np.ndarray:
 
 def ensure_sample(data_dir: Path, n: int = SAMPLE_IMAGES) -> DataRef:
     """Write the sample into ``data_dir`` once (atomically) and return a reference to it."""
-    from tasks.download import data_lock
-
-    folder = ensure_writable_dir(data_dir / SAMPLE_DIR, "Data cache")
-    target = folder / SAMPLE_FILE
+    target = data_dir / SAMPLE_DIR / SAMPLE_FILE
     # Under the cache's lock: runs started together write the sample once, not side by side.
-    with data_lock(data_dir):
+    with data_lock(data_dir, (SAMPLE_DIR,)) as writable:
         if not target.exists() or target.stat().st_size != n * IMAGE_BYTES:
+            if not writable:
+                raise ImageSearchError(
+                    f"Data cache {str(data_dir)!r} is read-only and holds no sample; choose a "
+                    f"writable --data-dir."
+                )
             with atomic_path(target) as tmp:
                 tmp.write_bytes(to_stl10_bytes(make_sample_images(n)))
     return DataRef(uri=str(target), rows=n, fingerprint=f"sample-{file_digest(target)[:12]}")

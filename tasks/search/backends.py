@@ -8,24 +8,24 @@ Every backend is imported lazily: a missing package or CUDA device makes the bac
 from __future__ import annotations
 
 import importlib
-import os
-import time
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
-from tasks.common import ImageSearchError, atomic_path, fingerprint, mark_stage_done, stage_is_done
-from tasks.embed import Features, load_features
+from tasks.errors import ImageSearchError
+from tasks.features.store import load_features
+from tasks.hardware import cpu_count
+from tasks.search.exact import prepare_index, search_prepared
 
 REFERENCE = "sklearn"
 SKLEARN_WORKING_MEMORY_MIB = 256
-KNN_DIR = ".knn"
+# The backends a run may ask for; the parameter model and the CLI read this one list.
+BackendName = Literal["cuml", "sklearn", "faiss", "numpy"]
+BACKEND_NAMES: tuple[str, ...] = typing.get_args(BackendName)
 
 
 def to_euclidean(squared: Any) -> Any:
@@ -37,12 +37,15 @@ def to_euclidean(squared: Any) -> Any:
     return (squared.clip(0) ** 0.5).astype("float32")
 
 
-def cpu_count() -> int:
-    """Cores this process may run on (respects affinity masks and container limits)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+def validate_k(k: int, n_index: int) -> None:
+    """scikit-learn's wording: the exact numbers and the fix."""
+    if k < 1:
+        raise ImageSearchError(f"k = {k}; it must be at least 1.")
+    if k > n_index:
+        raise ImageSearchError(
+            f"Expected k <= n_index, but n_index = {n_index}, k = {k}; lower k or use more "
+            f"images (limit) or a larger split_ratio."
+        )
 
 
 class Backend(ABC):
@@ -143,21 +146,10 @@ class NumpyBackend(Backend):
 
     name = "numpy"
 
-    def unavailable_reason(self) -> str | None:
-        try:
-            import tasks.exact  # noqa: F401
-        except ImportError as exc:
-            return f"tasks.exact is missing ({exc})"
-        return None
-
     def fit(self, index: np.ndarray) -> None:
-        from tasks.exact import prepare_index
-
         self._prepared = prepare_index(index)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        from tasks.exact import search_prepared
-
         dist, pos = search_prepared(self._prepared, queries, k)
         return dist.astype(np.float32), pos.astype(np.int64)
 
@@ -246,137 +238,3 @@ def choose_backends(requested: Sequence[str] | None) -> list[str]:
     else:
         chosen = ["cuml"] if CumlBackend().unavailable_reason() is None else ["cuml", "faiss"]
     return [REFERENCE, *[b for b in chosen if b != REFERENCE]]
-
-
-class SearchRun(BaseModel):
-    """What one backend did: timings, threads and where its neighbours are stored."""
-
-    backend: str
-    device: str
-    available: bool
-    reason: str | None = None
-    path: str | None = None
-    n_queries: int = 0
-    k: int = 0
-    load_seconds: float = 0.0
-    fit_seconds: float = 0.0
-    search_seconds: float = 0.0
-    cores_used: float | None = None
-    threads: dict[str, int] = {}
-
-
-def validate_k(k: int, n_index: int) -> None:
-    """scikit-learn's wording: the exact numbers and the fix."""
-    if k < 1:
-        raise ImageSearchError(f"k = {k}; it must be at least 1.")
-    if k > n_index:
-        raise ImageSearchError(
-            f"Expected k <= n_index, but n_index = {n_index}, k = {k}; lower --k or use more "
-            f"images (--limit) or a larger --split-ratio."
-        )
-
-
-def run_backend(
-    backend: Backend, index_path: Path, query_path: Path, k: int, dest: Path
-) -> SearchRun:
-    """Load, warm up, then time fit and search separately; save neighbours to ``dest`` (.npz).
-
-    The saved neighbours are image ids, not row positions. Each CPU backend runs with all the
-    cores this process may use; ``cores_used`` is CPU time over wall time during the search.
-    """
-    from threadpoolctl import threadpool_limits
-
-    reason = backend.unavailable_reason()
-    if reason is not None:
-        return SearchRun(
-            backend=backend.name, device=backend.device, available=False, reason=reason
-        )
-    t0 = time.perf_counter()
-    index_ids, index = backend.load(index_path)
-    query_ids, queries = backend.load(query_path)
-    backend.sync()
-    load_s = time.perf_counter() - t0
-    validate_k(k, len(index_ids))
-    with threadpool_limits(limits=cpu_count()):
-        warm = min(len(index_ids), max(k, 256))
-        backend.fit(index[:warm])
-        backend.search(queries[: min(len(query_ids), 16)], min(k, warm))
-        backend.sync()
-        t0 = time.perf_counter()
-        backend.fit(index)
-        backend.sync()
-        fit_s = time.perf_counter() - t0
-        c0, t0 = time.process_time(), time.perf_counter()
-        dist, pos = backend.search(queries, k)
-        backend.sync()
-        search_s = time.perf_counter() - t0
-        cpu_s = time.process_time() - c0
-        threads = backend.threads()
-    neighbor_ids = index_ids[pos]
-    with atomic_path(dest) as tmp, open(tmp, "wb") as f:
-        np.savez(f, query_ids=query_ids, distances=dist, neighbor_ids=neighbor_ids)
-    return SearchRun(
-        backend=backend.name,
-        device=backend.device,
-        available=True,
-        path=str(dest),
-        n_queries=len(query_ids),
-        k=k,
-        load_seconds=load_s,
-        fit_seconds=fit_s,
-        search_seconds=search_s,
-        cores_used=round(cpu_s / search_s, 2) if backend.device == "cpu" and search_s > 0 else None,
-        threads=threads,
-    )
-
-
-def load_neighbors(run: SearchRun) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(query_ids (n,), distances (n, k) float32, neighbor_ids (n, k) int64) of a finished run."""
-    if run.path is None:
-        raise ValueError(f"backend {run.backend} did not run: {run.reason}")
-    with np.load(run.path) as z:
-        return z["query_ids"], z["distances"], z["neighbor_ids"]
-
-
-def search_features(features: Features, out: Path, backend_name: str, k: int) -> SearchRun:
-    """Run one backend over the feature files unless it already ran on the same inputs."""
-    validate_k(k, features.index.rows)
-    backend = make_backend(backend_name)
-    dest = out / KNN_DIR / f"{backend_name}.npz"
-    key = fingerprint(
-        "knn-v1", features.index.fingerprint, features.query.fingerprint, backend_name, k
-    )
-    stage = f"knn-{backend_name}"
-    done = stage_is_done(out, stage, key, [dest])
-    if done is not None:
-        return SearchRun.model_validate(done["run"])
-    run = run_backend(backend, features.index.path, features.query.path, k, dest)
-    if run.available:
-        mark_stage_done(out, stage, key, run=run.model_dump())
-    return run
-
-
-@task(cache_policy=NO_CACHE)
-def knn(features: Features, out: str, backend: str, k: int) -> SearchRun:
-    """Prefect task: one backend's exact search; an unavailable backend is reported, not fatal."""
-    run = search_features(features, Path(out), backend, k)
-    logger = get_run_logger()
-    if run.available and run.cores_used is not None and run.cores_used < 0.5 * cpu_count():
-        logger.warning(
-            "%s used only %.2f of %d cores during its search: another library may be throttling "
-            "its threads, so its time is not representative.",
-            backend,
-            run.cores_used,
-            cpu_count(),
-        )
-    if run.available:
-        logger.info(
-            "%s: fit %.4f s, search %.4f s, %s cores",
-            backend,
-            run.fit_seconds,
-            run.search_seconds,
-            run.cores_used,
-        )
-    else:
-        logger.warning("backend %s unavailable: %s", backend, run.reason)
-    return run

@@ -1,0 +1,196 @@
+"""The report: a table of backends, the notebook's picture of queries and their neighbours
+(``results.png``), and a summary a person reads in ten seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks.compare import Comparison
+from tasks.features.embed import Features
+from tasks.report import artifact_key
+from tasks.report.pictures import image_grid, markdown_image, save_png
+from tasks.search.backends import REFERENCE
+from tasks.search.knn import SearchRun, load_neighbors
+from tasks.sources.stl10 import read_all_images
+from tasks.storage import DataRef, RunFolder
+
+RESULTS_FILE = "results.png"
+
+
+def _sig(x: float | None, digits: int = 3) -> float | None:
+    """``x`` rounded to ``digits`` significant digits (None stays None)."""
+    return None if x is None else float(f"{x:.{digits}g}")
+
+
+def backend_table(summary: Comparison) -> list[dict[str, Any]]:
+    """One row per backend, verdict first: status, speedup, agreement, ties, then timings.
+
+    Numbers are rounded to what a reader compares; every digit is in ``compare.json``.
+    """
+    rows: list[dict[str, Any]] = []
+    for name, b in summary.backends.items():
+        if not b.available:
+            rows.append({"backend": name, "status": f"unavailable: {b.reason}", "device": b.device})
+            continue
+        a = b.agreement
+        if name == summary.reference:
+            status = "reference" if b.passed else "WRONG DISTANCES"
+        else:
+            status = "agrees" if b.passed else "DISAGREES"
+        rows.append(
+            {
+                "backend": name,
+                "status": status,
+                "speedup": _sig(b.speedup_search),
+                "agreement": round(a.index_agreement, 4) if a else 1.0,
+                "ties": a.rows_tied if a else 0,
+                "search s": _sig(b.search_seconds),
+                "fit s": _sig(b.fit_seconds),
+                "max deviation": _sig(a.max_abs_deviation, 2) if a else 0.0,
+                "error vs exact": _sig(b.max_abs_error_vs_exact, 2),
+                "device": b.device,
+            }
+        )
+    return rows
+
+
+def results_picture(
+    images: np.ndarray,
+    query_ids: np.ndarray,
+    distances: np.ndarray,
+    neighbor_ids: np.ndarray,
+    n_results: int,
+    seed: int,
+) -> Image.Image:
+    """``n_results`` random queries, each followed by its k neighbours titled with the distance.
+
+    images: (N, 96, 96, 3) uint8; query_ids (n,), distances/neighbor_ids (n, k).
+    """
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(query_ids), size=min(n_results, len(query_ids)), replace=False))
+    k = distances.shape[1]
+    tiles, titles = [], []
+    for r in rows:
+        tiles.append(images[query_ids[r]])
+        titles.append(f"query #{query_ids[r]}")
+        for j in range(k):
+            tiles.append(images[neighbor_ids[r, j]])
+            titles.append(f"d={distances[r, j]:.4g}")
+    return image_grid(np.stack(tiles), titles, columns=k + 1, scale=2)
+
+
+def summary_markdown(summary: Comparison, features: Features, dataset: DataRef) -> str:
+    """A ten-second summary: data, model, backends, verdict, speedup."""
+    model = features.model
+    lines = [f"## image-search: {dataset.rows:,} images from `{Path(dataset.uri).name}`", ""]
+    if model.get("random_init"):
+        lines += [
+            "> **Warning:** ResNet50 ran with **random weights** (`weights = none`). The search "
+            "is exact, but the features are not meaningful image descriptors.",
+            "",
+        ]
+    lines.append(
+        f"- **Model**: ResNet50 (no top, max pooling), weights `{model.get('weights')}`, "
+        f"{features.index.rows:,} index / {features.query.rows:,} query images, "
+        f"k = {summary.k}; embedding on: {features.device}."
+    )
+    for name, b in summary.backends.items():
+        if not b.available:
+            lines.append(f"- **{name}**: unavailable: {b.reason}")
+    if "cuml" not in summary.compared:
+        lines.append("- **GPU backend unavailable**: no GPU backend ran; CPU backends only.")
+    ref = summary.backends[summary.reference]
+    for name in summary.compared:
+        b = summary.backends[name]
+        a = b.agreement
+        assert a is not None
+        speed = (
+            f"search {b.speedup_search:.2f}× faster than {REFERENCE} ({b.search_seconds:.3f} s "
+            f"vs {ref.search_seconds:.3f} s)"
+            if b.speedup_search is not None
+            and b.search_seconds is not None
+            and ref.search_seconds is not None
+            else "speed not measured"
+        )
+        lines.append(
+            f"- **{name} vs {REFERENCE}: {'agree' if b.passed else 'DISAGREE'}** — max "
+            f"distance deviation {a.max_abs_deviation:.3g} (tolerance {a.tolerance}), "
+            f"{a.index_agreement:.4%} of neighbour ids equal, {a.rows_tied} tied rows, "
+            f"{a.rows_mismatched} mismatched; {speed}."
+        )
+    if not summary.compared:
+        lines.append(f"- Only {REFERENCE} ran: nothing to compare.")
+    if summary.failure:
+        lines.append(f"- **FAILED**: {summary.failure}")
+    return "\n".join(lines) + "\n"
+
+
+def make_report(
+    summary: Comparison,
+    runs: list[SearchRun],
+    features: Features,
+    dataset: DataRef,
+    run: RunFolder,
+    n_results: int,
+    seed: int,
+) -> tuple[Path, str, list[dict[str, Any]]]:
+    """Write ``results.png`` from the first accelerated backend (else the reference).
+
+    Returns (picture path, markdown summary, table rows).
+    """
+    shown = next((r for r in runs if r.available and r.backend != REFERENCE), None)
+    shown = shown or next(r for r in runs if r.backend == REFERENCE)
+    stage = run.stage(
+        "results",
+        [shown.model_dump(exclude={"path"}), dataset.fingerprint, n_results, seed],
+        [RESULTS_FILE],
+        code=[__name__, "tasks.report.pictures"],
+    )
+    if stage.done() is None:
+        qids, dist, nids = load_neighbors(shown, run.out)
+        images = read_all_images(dataset.uri, dataset.rows)
+        save_png(
+            results_picture(images, qids, dist, nids, n_results, seed), stage.path(RESULTS_FILE)
+        )
+        stage.finish()
+    path = stage.path(RESULTS_FILE)
+    return path, summary_markdown(summary, features, dataset), backend_table(summary)
+
+
+@task(cache_policy=NO_CACHE)
+def report(
+    summary: Comparison,
+    runs: list[SearchRun],
+    features: Features,
+    dataset: DataRef,
+    out: str,
+    n_results: int,
+    seed: int,
+) -> str:
+    """Prefect task: the table, the picture and the summary as artifacts of the run."""
+    path, markdown, table = make_report(
+        summary, runs, features, dataset, RunFolder(Path(out)), n_results, seed
+    )
+    create_table_artifact(
+        key=artifact_key("backends"),
+        table=table,
+        description="KNN backends compared (every number in compare.json)",
+    )
+    with Image.open(path) as picture:
+        body = markdown_image(picture, "queries and their nearest neighbours")
+    create_markdown_artifact(
+        key=artifact_key("summary"), markdown=markdown, description="What this run found"
+    )
+    create_markdown_artifact(
+        key=artifact_key("results"),
+        markdown=f"### Queries (left) and their nearest neighbours\n\n{body}",
+        description="Random queries with their neighbours and distances",
+    )
+    return markdown

@@ -1,0 +1,163 @@
+"""The search stage: run one backend over the feature files, timed honestly, and keep its
+neighbours (as image ids) in ``.knn/<backend>.npz`` inside the output folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from tasks.errors import ImageSearchError
+from tasks.features.embed import Features
+from tasks.hardware import cpu_count
+from tasks.search.backends import Backend, make_backend, validate_k
+from tasks.storage import RunFolder, atomic_path
+
+KNN_DIR = ".knn"
+
+
+class SearchRun(BaseModel):
+    """What one backend did: timings, threads and where its neighbours are stored.
+
+    ``path`` is relative to the output folder, so a copied or moved folder reads its own.
+    """
+
+    backend: str
+    device: str
+    available: bool
+    reason: str | None = None
+    path: str | None = None
+    n_queries: int = 0
+    k: int = 0
+    load_seconds: float = 0.0
+    fit_seconds: float = 0.0
+    search_seconds: float = 0.0
+    cores_used: float | None = None
+    threads: dict[str, int] = {}
+
+
+def stage_name(backend: str) -> str:
+    return f"knn-{backend}"
+
+
+def run_backend(
+    backend: Backend, index_path: Path, query_path: Path, k: int, dest: Path
+) -> SearchRun:
+    """Load, warm up, then time fit and search separately; save neighbours to ``dest`` (.npz).
+
+    The saved neighbours are image ids, not row positions. Each CPU backend runs with all the
+    cores this process may use; ``cores_used`` is CPU time over wall time during the search.
+    """
+    from threadpoolctl import threadpool_limits
+
+    t0 = time.perf_counter()
+    index_ids, index = backend.load(index_path)
+    query_ids, queries = backend.load(query_path)
+    backend.sync()
+    load_s = time.perf_counter() - t0
+    validate_k(k, len(index_ids))
+    with threadpool_limits(limits=cpu_count()):
+        warm = min(len(index_ids), max(k, 256))
+        backend.fit(index[:warm])
+        backend.search(queries[: min(len(query_ids), 16)], min(k, warm))
+        backend.sync()
+        t0 = time.perf_counter()
+        backend.fit(index)
+        backend.sync()
+        fit_s = time.perf_counter() - t0
+        c0, t0 = time.process_time(), time.perf_counter()
+        dist, pos = backend.search(queries, k)
+        backend.sync()
+        search_s = time.perf_counter() - t0
+        cpu_s = time.process_time() - c0
+        threads = backend.threads()
+    neighbor_ids = index_ids[pos]
+    with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+        np.savez(f, query_ids=query_ids, distances=dist, neighbor_ids=neighbor_ids)
+    return SearchRun(
+        backend=backend.name,
+        device=backend.device,
+        available=True,
+        path=str(dest),
+        n_queries=len(query_ids),
+        k=k,
+        load_seconds=load_s,
+        fit_seconds=fit_s,
+        search_seconds=search_s,
+        cores_used=round(cpu_s / search_s, 2) if backend.device == "cpu" and search_s > 0 else None,
+        threads=threads,
+    )
+
+
+def load_neighbors(run: SearchRun, out: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query_ids (n,), distances (n, k) float32, neighbor_ids (n, k) int64) of a finished run.
+
+    ``out`` is the output folder that ``run.path`` is relative to.
+    """
+    if run.path is None:
+        raise ValueError(f"backend {run.backend} did not run: {run.reason}")
+    path = out / run.path
+    try:
+        with np.load(path) as z:
+            return z["query_ids"], z["distances"], z["neighbor_ids"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ImageSearchError(
+            f"Cannot read the neighbours of {run.backend} in {path} ({exc}); run again."
+        ) from exc
+
+
+def search_features(features: Features, run: RunFolder, backend_name: str, k: int) -> SearchRun:
+    """Run one backend over the feature files unless it already ran on the same inputs."""
+    validate_k(k, features.index.rows)
+    backend = make_backend(backend_name)
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        return SearchRun(
+            backend=backend.name, device=backend.device, available=False, reason=reason
+        )
+    rel = f"{KNN_DIR}/{backend_name}.npz"
+    stage = run.stage(
+        stage_name(backend_name),
+        [features.index.fingerprint, features.query.fingerprint, backend_name, k],
+        [rel],
+        code=["tasks.search"],
+    )
+    done = stage.done()
+    if done is not None:
+        result = SearchRun.model_validate(done["run"])
+    else:
+        result = run_backend(backend, features.index.path, features.query.path, k, stage.path(rel))
+        result = result.model_copy(update={"path": rel})
+        stage.finish(run=result.model_dump())
+    # Read from where this run's copy is (staged until the run commits its outputs).
+    return result.model_copy(update={"path": str(stage.path(rel).relative_to(run.out))})
+
+
+@task(cache_policy=NO_CACHE)
+def knn(features: Features, out: str, backend: str, k: int) -> SearchRun:
+    """Prefect task: one backend's exact search; an unavailable backend is reported, not fatal."""
+    run = search_features(features, RunFolder(Path(out)), backend, k)
+    logger = get_run_logger()
+    if run.available and run.cores_used is not None and run.cores_used < 0.5 * cpu_count():
+        logger.warning(
+            "%s used only %.2f of %d cores during its search: another library may be throttling "
+            "its threads, so its time is not representative.",
+            backend,
+            run.cores_used,
+            cpu_count(),
+        )
+    if run.available:
+        logger.info(
+            "%s: fit %.4f s, search %.4f s, %s cores",
+            backend,
+            run.fit_seconds,
+            run.search_seconds,
+            run.cores_used,
+        )
+    else:
+        logger.warning("backend %s unavailable: %s", backend, run.reason)
+    return run

@@ -1,0 +1,190 @@
+"""Turn any supported source into a verified STL-10 ``unlabeled_X.bin`` and a reference to it:
+a URL (downloaded into the data cache), a tarball, a folder, a ``.bin`` file, or the sample.
+
+The ``download`` task is the one retry layer: one attempt per call (the ``.part`` file resumes)
+and Prefect retries with exponential backoff for :class:`TransientNetworkError` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import State
+from prefect.tasks import exponential_backoff
+
+from tasks.errors import ImageSearchError, TransientNetworkError
+from tasks.sources.archive import extract_members
+from tasks.sources.cache import data_lock, default_data_dir, verify_file
+from tasks.sources.fetch import download_file
+from tasks.sources.sample import ensure_sample
+from tasks.sources.stl10 import (
+    EXTRACT_DIR,
+    OFFICIAL,
+    OFFICIAL_URL,
+    TARBALL_NAME,
+    UNLABELED,
+    WANTED,
+    Checksums,
+    dataset_ref,
+)
+from tasks.storage import DataRef, sampled_fingerprint
+
+log = logging.getLogger(__name__)
+
+BACKOFF_ENV = "IMAGE_SEARCH_RETRY_BACKOFF"
+RETRIES = 5
+
+
+def download_and_extract(
+    source: str, data_dir: Path | None = None, *, checksums: Checksums | None = None
+) -> DataRef:
+    """Make ``unlabeled_X.bin`` available from ``source`` and return a reference to it.
+
+    ``source``: an http(s)/file URL of the tarball, a local tarball, a folder with the extracted
+    files, a ``.bin`` file in the STL-10 binary format (used as is, not checksummed), or
+    ``sample``. A verified copy in the cache means no network access at all. One download
+    attempt per call: :class:`TransientNetworkError` means "call again later".
+    """
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    checksums = OFFICIAL if checksums is None else checksums
+    source = source.strip()
+    if source == "sample":
+        return ensure_sample(data_dir)
+    scheme = urllib.parse.urlparse(source).scheme.lower()
+    if scheme in ("http", "https", "file"):
+        return _from_url(source, data_dir, checksums)
+    if scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive
+        raise ImageSearchError(
+            f"Unsupported source {source!r}: scheme {scheme!r} is not one of http, https, file. "
+            f"Use a URL, a tarball path, a folder, a .bin file or 'sample'."
+        )
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _from_folder(path, data_dir, checksums)
+    if path.is_file():
+        if path.suffix == ".bin":
+            return dataset_ref(path, sampled_fingerprint(path))
+        return _from_tarball(path, data_dir, checksums)
+    raise ImageSearchError(
+        f"Source {source!r} is neither a URL, an existing file or folder, nor 'sample'. "
+        f"Use {OFFICIAL_URL}, a path to {TARBALL_NAME}, a folder with {UNLABELED}, "
+        f"or --source sample."
+    )
+
+
+def _cached(data_dir: Path, checksums: Checksums) -> DataRef | None:
+    target = data_dir / EXTRACT_DIR / UNLABELED
+    if not target.exists():
+        return None
+    try:
+        digest = verify_file(target, checksums.members.get(UNLABELED), data_dir)
+    except ImageSearchError:
+        log.warning("cached %s failed verification; it will be replaced", target)
+        return None
+    return dataset_ref(target, digest)
+
+
+def _read_only(data_dir: Path) -> ImageSearchError:
+    return ImageSearchError(
+        f"Data cache {str(data_dir)!r} is read-only and holds no verified {UNLABELED}; put "
+        f"the verified files there or choose a writable --data-dir."
+    )
+
+
+def _extract_into_cache(tarball: Path, data_dir: Path, checksums: Checksums) -> DataRef:
+    wanted = {name: checksums.members.get(name) for name in WANTED}
+    found = extract_members(tarball, data_dir / EXTRACT_DIR, wanted)
+    target = found[UNLABELED]
+    return dataset_ref(target, verify_file(target, checksums.members.get(UNLABELED), data_dir))
+
+
+def _from_url(url: str, data_dir: Path, checksums: Checksums) -> DataRef:
+    with data_lock(data_dir, (EXTRACT_DIR,)) as writable:
+        if (ref := _cached(data_dir, checksums)) is not None:
+            return ref
+        if not writable:
+            raise _read_only(data_dir)
+        tarball = data_dir / TARBALL_NAME
+        if tarball.exists():
+            try:
+                verify_file(tarball, checksums.tarball, data_dir)
+            except ImageSearchError:
+                log.warning("cached %s failed verification; downloading it again", tarball)
+                tarball.unlink()
+        if not tarball.exists():
+            if url.lower().startswith("file:"):
+                local = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
+                if not local.is_file():
+                    raise ImageSearchError(f"Source {url!r}: no such file {local}.")
+            download_file(url, tarball, checksums.tarball, max_bytes=checksums.max_tarball_bytes)
+        try:
+            return _extract_into_cache(tarball, data_dir, checksums)
+        except ImageSearchError as exc:
+            # The cache's own copy is useless; keeping it would fail every later run the same way.
+            tarball.unlink(missing_ok=True)
+            raise ImageSearchError(
+                f"{exc} The downloaded {tarball} was deleted; the next run downloads it again."
+            ) from exc
+
+
+def _from_tarball(tarball: Path, data_dir: Path, checksums: Checksums) -> DataRef:
+    with data_lock(data_dir, (EXTRACT_DIR,)) as writable:
+        if (ref := _cached(data_dir, checksums)) is not None:
+            return ref
+        if not writable:
+            raise _read_only(data_dir)
+        verify_file(tarball, checksums.tarball, data_dir)
+        return _extract_into_cache(tarball, data_dir, checksums)
+
+
+def _from_folder(folder: Path, data_dir: Path, checksums: Checksums) -> DataRef:
+    for candidate in (folder / UNLABELED, folder / EXTRACT_DIR / UNLABELED):
+        if candidate.is_file():
+            with data_lock(data_dir, (EXTRACT_DIR,)):
+                digest = verify_file(candidate, checksums.members.get(UNLABELED), data_dir)
+            return dataset_ref(candidate, digest)
+    tarball = folder / TARBALL_NAME
+    if tarball.is_file():
+        return _from_tarball(tarball, data_dir, checksums)
+    raise ImageSearchError(
+        f"Folder {folder} holds neither {UNLABELED} nor {TARBALL_NAME}; point --source at the "
+        f"folder that does."
+    )
+
+
+def retry_backoff() -> float:
+    """Base delay in seconds between download retries: ``$IMAGE_SEARCH_RETRY_BACKOFF``, else 2.
+
+    Read when a flow runs, not at import, so tests and users set it per run.
+    """
+    try:
+        return max(float(os.environ.get(BACKOFF_ENV, "2")), 0.0)
+    except ValueError:
+        return 2.0
+
+
+def is_transient(task: Any, task_run: Any, state: State) -> bool:
+    """Retry only network trouble; a bad URL, checksum, tarball or a bug fails at once."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, TransientNetworkError)
+
+
+@task(retries=RETRIES, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
+def download(source: str, data_dir: str | None) -> DataRef:
+    """Prefect task: fetch and verify the dataset, one attempt per try."""
+    ref = download_and_extract(source, Path(data_dir) if data_dir else None)
+    get_run_logger().info("dataset %s: %d images (%s)", ref.uri, ref.rows, ref.fingerprint)
+    return ref
+
+
+def download_task() -> Task[..., DataRef]:
+    """The download task with this run's backoff: base, 2×, 4×, ... seconds between tries."""
+    delays = exponential_backoff(backoff_factor=retry_backoff())(RETRIES)
+    return download.with_options(retry_delay_seconds=delays)

@@ -1,0 +1,113 @@
+"""STL-10's binary format and its official files: decode as a memory map of (N, 96, 96, 3)
+uint8 without reading it, and the checks that say whether a file can be one."""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.errors import ImageSearchError
+from tasks.storage import DataRef, fingerprint
+
+OFFICIAL_URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
+TARBALL_NAME = "stl10_binary.tar.gz"
+EXTRACT_DIR = "stl10_binary"
+UNLABELED = "unlabeled_X.bin"
+IMAGE_BYTES = 96 * 96 * 3  # 27,648 bytes per STL-10 image
+
+
+@dataclass(frozen=True)
+class Checksums:
+    """What the official files must be: MD5 sums of the tarball and of the members we extract,
+    and the largest size a download of the tarball may reach (None: no known bound)."""
+
+    tarball: str | None
+    members: dict[str, str]
+    max_tarball_bytes: int | None = None
+
+
+OFFICIAL = Checksums(
+    tarball="91f7769df0f17e558f3565bffb0c7dfb",
+    members={UNLABELED: "5242ba1fed5e4be9e1e742405eb56ca4"},
+    # The official tarball is 2.64 GB; a response that grows past this is not it.
+    max_tarball_bytes=2_700_000_000,
+)
+# The search uses the 100,000 unlabeled images; the labelled files are not extracted.
+WANTED = (UNLABELED,)
+
+
+def count_images(path: Path) -> int:
+    """The number of images in an STL-10 binary file; a clear error when it cannot be one."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageSearchError(f"Cannot open image file {path}: {exc.strerror or exc}.") from exc
+    if size == 0:
+        raise ImageSearchError(
+            f"Image file {path} is empty; it holds no STL-10 images. Point --source at the real "
+            f"unlabeled_X.bin (or its tarball), or use --source sample."
+        )
+    if size % IMAGE_BYTES:
+        raise ImageSearchError(
+            f"Image file {path} has {size:,} bytes, not a multiple of {IMAGE_BYTES:,} (one "
+            f"96×96×3 STL-10 image): it is truncated or not in the STL-10 binary format."
+        )
+    return size // IMAGE_BYTES
+
+
+def check_limit(limit: int | None, available: int, what: str) -> int:
+    """How many images a run uses: ``limit`` (checked against ``available``), or all."""
+    if limit is None:
+        return available
+    if limit < 1:
+        raise ImageSearchError(f"limit = {limit}; it must be at least 1 (or empty for all).")
+    if limit > available:
+        raise ImageSearchError(
+            f"limit = {limit:,} but {what} holds only {available:,} images; use a limit of "
+            f"{available} or less."
+        )
+    return limit
+
+
+def read_all_images(path: Path | str, limit: int | None = None) -> np.ndarray:
+    """Return the images of an STL-10 binary file as a read-only NHWC view of shape (N, 96, 96, 3).
+
+    The file is memory-mapped, so opening even the 2.76 GB unlabeled file costs milliseconds and
+    no memory; pages are read only when a batch touches them. ``limit`` keeps the first N images.
+    """
+    path = Path(path)
+    n = check_limit(limit, count_images(path), path.name)
+    raw = np.memmap(path, dtype=np.uint8, mode="r", shape=(n * IMAGE_BYTES,))
+    return raw.reshape(n, 3, 96, 96).transpose(0, 3, 2, 1)
+
+
+def dataset_ref(path: Path, fp: str) -> DataRef:
+    """A reference to an STL-10 binary file, checked to be one."""
+    return DataRef(uri=str(path), rows=count_images(path), fingerprint=fp)
+
+
+def with_limit(dataset: DataRef, limit: int | None) -> DataRef:
+    """The first ``limit`` images of ``dataset`` (all when None), checked against its size."""
+    n = check_limit(limit, dataset.rows, "the dataset")
+    if n == dataset.rows:
+        return dataset
+    return DataRef(
+        uri=dataset.uri, rows=n, fingerprint=fingerprint(dataset.fingerprint, "limit", n)
+    )
+
+
+def release_pages(images: np.ndarray) -> None:
+    """Let the kernel drop the pages of ``images``' memory map from this process.
+
+    Read pages of a file mapping stay resident (and count as the process's memory) until
+    unmapped; ``MADV_DONTNEED`` releases them, and a later read simply faults them in again
+    from the page cache. A no-op for arrays that are not memory maps.
+    """
+    base: object = images
+    while base is not None and not isinstance(getattr(base, "_mmap", None), mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
+        base._mmap.madvise(mmap.MADV_DONTNEED)  # type: ignore[attr-defined]
