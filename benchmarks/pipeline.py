@@ -30,7 +30,7 @@ def _median_of(runs: int, fn: Callable[[], float]) -> tuple[float, list[float]]:
 
 def _stl10_file(path: Path, n: int) -> Path:
     """``n`` images in the STL-10 layout: the sample crops, repeated (real photo statistics)."""
-    from tasks.sample import make_sample_images, to_stl10_bytes
+    from tasks.sources.sample import make_sample_images, to_stl10_bytes
 
     base = to_stl10_bytes(make_sample_images(min(n, 2000)))
     per = len(base) // min(n, 2000)
@@ -46,8 +46,9 @@ def _stl10_file(path: Path, n: int) -> Path:
 def embed_overhead(quick: bool = False) -> dict[str, Any]:
     """Images/s of the embed stage (memory map -> forward -> Parquet) over a bare compiled
     forward pass on preallocated input, per batch size; plus the opt-in bfloat16 path."""
-    from tasks.decode import read_all_images
-    from tasks.embed import build_model, embed_split, make_forward
+    from tasks.sources.stl10 import read_all_images
+    from tasks.features.embed import embed_split
+    from tasks.features.model import build_model, make_forward
 
     n = 128 if quick else 1024
     repeats = 3
@@ -116,7 +117,7 @@ def _bfloat16(
     """bfloat16 vs float32 speed on the same batches, and neighbour agreement of the features."""
     from sklearn.neighbors import NearestNeighbors
 
-    from tasks.embed import build_model, make_forward
+    from tasks.features.model import build_model, make_forward
 
     model16, _ = build_model("none", seed=0, precision="bfloat16")
     forward16 = make_forward(model16)

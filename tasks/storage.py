@@ -294,7 +294,7 @@ class Stage:
         record = self._record(self.path(""))
         if record is None:
             raise RuntimeError(f"stage {self.name} has no record yet")
-        return fingerprint(self.key, record["outputs"])
+        return fingerprint(self.key, {rel: f["sha256"] for rel, f in record["outputs"].items()})
 
     def _record(self, base: Path) -> dict[str, Any] | None:
         try:

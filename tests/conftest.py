@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from tasks.sample import to_stl10_bytes
+from tasks.sources.sample import to_stl10_bytes
 from tests.http_server import MisbehavingServer
 
 # Before anything imports Prefect or TensorFlow: keep every byte on this machine.
@@ -33,7 +33,7 @@ os.environ.update(
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip `gpu` tests, with the reason, where no CUDA device and RAPIDS are present."""
-    from tasks.knn import CumlBackend
+    from tasks.search.backends import CumlBackend
 
     reason = CumlBackend().unavailable_reason()
     if reason is None:
@@ -76,7 +76,7 @@ class FakeStl10:
         return hashlib.md5(self.unlabeled).hexdigest()
 
     def checksums(self):  # type: ignore[no-untyped-def]
-        from tasks.download import Checksums
+        from tasks.sources.stl10 import Checksums
 
         return Checksums(tarball=self.tar_md5, members={"unlabeled_X.bin": self.bin_md5})
 

@@ -17,7 +17,9 @@ class MisbehavingServer:
     - ``cut_at[path] = n``: every response stops at absolute offset n and drops the
       connection, a server that never delivers the whole file;
     - ``cut_once[path] = [n, ...]``: the next responses send n bytes each, then drop;
-    - ``fail_status[path] = [code, ...]``: the next requests are answered with these errors.
+    - ``fail_status[path] = [code, ...]``: the next requests are answered with these errors;
+    - ``hide_length``: paths answered without Content-Length (the body ends when the
+      connection closes), as a stream of unknown size.
     """
 
     def __init__(self) -> None:
@@ -26,6 +28,7 @@ class MisbehavingServer:
         self.cut_at: dict[str, int] = {}
         self.cut_once: dict[str, list[int]] = {}
         self.fail_status: dict[str, list[int]] = {}
+        self.hide_length: set[str] = set()
         self.requests: list[tuple[str, str | None]] = []
         self.sent: dict[str, int] = {}  # body bytes written per path, all responses together
         self.stopping = threading.Event()
@@ -56,7 +59,8 @@ class MisbehavingServer:
                 else:
                     self.send_response(200)
                 body = data[start:]
-                self.send_header("Content-Length", str(len(body)))
+                if self.path not in server.hide_length:
+                    self.send_header("Content-Length", str(len(body)))
                 self.send_header("Accept-Ranges", "bytes")
                 self.end_headers()
                 limit = len(body)
@@ -69,7 +73,7 @@ class MisbehavingServer:
                     self._send(body[:limit])
                 except (BrokenPipeError, ConnectionResetError):
                     return  # the client went away (killed, or gave up)
-                if limit < len(body):
+                if limit < len(body) or self.path in server.hide_length:
                     self.close_connection = True
 
             def _send(self, body: bytes) -> None:

@@ -6,6 +6,7 @@ The features here are one-dimensional, so every exact distance is a plain differ
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import duckdb
@@ -14,10 +15,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.common import DataRef, ImageSearchError
-from tasks.compare import compare_one, compare_runs, exact_distances_from, tie_rows
-from tasks.embed import Features
-from tasks.knn import SearchRun
+from tasks.compare import (
+    Comparison,
+    compare_one,
+    compare_runs,
+    exact_distances_from,
+    tie_rows,
+)
+from tasks.features.embed import Features
+from tasks.search.knn import SearchRun
+from tasks.storage import DataRef, RunFolder
 
 QIDS = np.array([10, 11, 12], dtype=np.int64)
 REF_D = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 2.0], [0.5, 0.5, 4.0]], dtype=np.float32)
@@ -69,8 +76,8 @@ def test_exact_distances_look_up_ids_not_positions(features: Features) -> None:
 def test_identical_answers(features: Features) -> None:
     exact = exact_distances_from(features)
     result = compare_one(REF_D, REF_I, REF_D.copy(), REF_I.copy(), QIDS, 1.0, exact)
-    assert result["passed"] and result["max_abs_deviation"] == 0.0
-    assert result["index_agreement"] == 1.0 and result["rows_identical"] == 3
+    assert result.passed and result.max_abs_deviation == 0.0
+    assert result.index_agreement == 1.0 and result.rows_identical == 3
 
 
 def test_ties_are_not_errors(features: Features) -> None:
@@ -84,9 +91,9 @@ def test_ties_are_not_errors(features: Features) -> None:
     assert differs.tolist() == [False, True, True]
     assert is_tie.tolist() == [False, True, True]
     result = compare_one(REF_D, REF_I, REF_D.copy(), got_i, QIDS, 1.0, exact)
-    assert result["passed"]
-    assert (result["rows_identical"], result["rows_tied"], result["rows_mismatched"]) == (1, 2, 0)
-    assert result["index_agreement"] == pytest.approx(5 / 9)
+    assert result.passed
+    assert (result.rows_identical, result.rows_tied, result.rows_mismatched) == (1, 2, 0)
+    assert result.index_agreement == pytest.approx(5 / 9)
 
 
 def test_ties_use_exact_distances_not_reported_ones(features: Features) -> None:
@@ -97,8 +104,8 @@ def test_ties_use_exact_distances_not_reported_ones(features: Features) -> None:
     got_i = REF_I.copy()
     got_i[2] = [5, 4, 6]
     result = compare_one(noisy_ref, REF_I, REF_D.copy(), got_i, QIDS, 1.0, exact)
-    assert result["passed"] and result["rows_tied"] == 1
-    assert result["max_abs_deviation"] == pytest.approx(0.15, rel=1e-5)
+    assert result.passed and result.rows_tied == 1
+    assert result.max_abs_deviation == pytest.approx(0.15, rel=1e-5)
 
 
 def test_real_mismatch_names_the_worst_query(features: Features) -> None:
@@ -108,21 +115,22 @@ def test_real_mismatch_names_the_worst_query(features: Features) -> None:
     got_d = REF_D.copy()
     got_d[0] = [1.0, 3.0, 3.5]
     result = compare_one(REF_D, REF_I, got_d, got_i, QIDS, 1.0, exact)
-    assert not result["passed"] and result["rows_mismatched"] == 1
-    worst = result["worst_query"]
-    assert worst["query_id"] == 10
-    assert worst["backend_exact_distances"] == [1.0, 3.5, 3.0]
-    assert worst["reference_exact_distances"] == [1.0, 2.0, 3.0]
+    assert not result.passed and result.rows_mismatched == 1
+    worst = result.worst_query
+    assert worst is not None
+    assert worst.query_id == 10
+    assert worst.backend_exact_distances == [1.0, 3.5, 3.0]
+    assert worst.reference_exact_distances == [1.0, 2.0, 3.0]
 
 
 def test_distance_tolerance(features: Features) -> None:
     exact = exact_distances_from(features)
     got_d = REF_D + np.float32(0.01)
-    assert compare_one(REF_D, REF_I, got_d, REF_I, QIDS, 1.0, exact)["passed"]
+    assert compare_one(REF_D, REF_I, got_d, REF_I, QIDS, 1.0, exact).passed
     result = compare_one(REF_D, REF_I, got_d, REF_I, QIDS, 0.001, exact)
-    assert not result["distances_pass"] and not result["passed"]
-    assert result["max_abs_deviation"] == pytest.approx(0.01, rel=1e-3)
-    assert result["max_rel_deviation"] == pytest.approx(0.02, rel=1e-3)
+    assert not result.distances_pass and not result.passed
+    assert result.max_abs_deviation == pytest.approx(0.01, rel=1e-3)
+    assert result.max_rel_deviation == pytest.approx(0.02, rel=1e-3)
 
 
 def _run(tmp_path: Path, name: str, d: np.ndarray, i: np.ndarray, search_s: float) -> SearchRun:
@@ -146,38 +154,62 @@ def test_compare_runs_writes_json_and_neighbors(tmp_path: Path, features: Featur
         _run(tmp_path, "faiss", REF_D, REF_I, 1.0),
         SearchRun(backend="cuml", device="gpu", available=False, reason="no CUDA device"),
     ]
-    summary = compare_runs(runs, features, tmp_path, tolerance=1.0)
-    saved = json.loads((tmp_path / "compare.json").read_text())
-    assert saved == json.loads(json.dumps(summary))
+    run = RunFolder(tmp_path / "out")
+    summary = compare_runs(runs, features, run, tolerance=1.0)
+    assert run.commit(["compare"]) == ["compare"]
+    saved = json.loads((run.out / "compare.json").read_text())
+    assert Comparison.model_validate(saved) == summary
     assert saved["passed"] is True and saved["compared"] == ["faiss"]
-    assert saved["backends"]["faiss"]["speedup_search"] == 4.0
-    assert saved["backends"]["faiss"]["speedup_fit_search"] == pytest.approx(4.5 / 1.5)
-    assert saved["backends"]["faiss"]["max_abs_error_vs_exact"] == 0.0
+    faiss = saved["backends"]["faiss"]
+    assert faiss["speedup_search"] == 4.0
+    assert faiss["speedup_fit_search"] == pytest.approx(4.5 / 1.5)
+    assert faiss["max_abs_error_vs_exact"] == 0.0
+    assert faiss["agreement"]["rows_identical"] == 3
     assert saved["backends"]["sklearn"]["max_abs_error_vs_exact"] == pytest.approx(0.001, rel=1e-3)
-    assert saved["backends"]["cuml"] == {
-        "available": False,
-        "device": "gpu",
-        "reason": "no CUDA device",
-    }
+    assert saved["backends"]["sklearn"]["agreement"] is None
+    cuml = saved["backends"]["cuml"]
+    assert (cuml["available"], cuml["device"], cuml["reason"]) == (False, "gpu", "no CUDA device")
+    assert cuml["search_seconds"] is None and cuml["agreement"] is None
     rows = duckdb.sql(
         f"select backend::varchar, query_id, rank, neighbor_id, distance "
-        f"from '{tmp_path / 'neighbors.parquet'}' order by backend, query_id, rank"
+        f"from '{run.out / 'neighbors.parquet'}' order by backend, query_id, rank"
     ).fetchall()
     assert len(rows) == 18
     assert rows[0] == ("faiss", 10, 1, 7, 1.0)
 
 
-def test_disagreement_fails_with_message(tmp_path: Path, features: Features) -> None:
+def test_disagreement_is_a_failed_verdict_with_the_worst_query(
+    tmp_path: Path, features: Features
+) -> None:
     bad_i = REF_I.copy()
     bad_i[2] = [4, 77, 6]
     runs = [
         _run(tmp_path, "sklearn", REF_D, REF_I, 1.0),
         _run(tmp_path, "numpy", REF_D, bad_i, 1.0),
     ]
-    with pytest.raises(
-        ImageSearchError,
-        match=r"numpy disagrees with scikit-learn.*Worst query: image 12: sklearn \[4, 5, 6\] "
+    run = RunFolder(tmp_path / "out")
+    summary = compare_runs(runs, features, run, tolerance=1.0)
+    assert summary.passed is False and summary.failure is not None
+    assert re.search(
+        r"numpy disagrees with scikit-learn.*Worst query: image 12: sklearn \[4, 5, 6\] "
         r"at exact distances \[0\.5, 0\.5, 4\], numpy \[4, 77, 6\] at \[0\.5, 3\.5, 4\]",
-    ):
-        compare_runs(runs, features, tmp_path, tolerance=1.0)
-    assert json.loads((tmp_path / "compare.json").read_text())["passed"] is False
+        summary.failure,
+    )
+    run.commit(["compare"])
+    assert json.loads((run.out / "compare.json").read_text())["passed"] is False
+
+
+def test_wrong_neighbours_fail_even_when_backends_agree(tmp_path: Path, features: Features) -> None:
+    """Neighbours that are not at the distances reported for them fail the run, whatever the
+    reference says: a folder that reads another folder's answers cannot pass."""
+    wrong_i = np.array([[77, 6, 9], [1, 2, 3], [4, 5, 6]], dtype=np.int64)  # 77, 6: 3.5, 4.0
+    runs = [
+        _run(tmp_path, "sklearn", REF_D, wrong_i, 1.0),
+        _run(tmp_path, "faiss", REF_D, wrong_i, 1.0),
+    ]
+    summary = compare_runs(runs, features, RunFolder(tmp_path / "out"), tolerance=1.0)
+    assert summary.backends["faiss"].agreement is not None
+    assert summary.backends["faiss"].agreement.passed  # they agree with each other ...
+    assert summary.backends["sklearn"].max_abs_error_vs_exact == pytest.approx(2.5)
+    assert summary.passed is False  # ... but not with the exact distances
+    assert summary.failure is not None and "away from the exact" in summary.failure

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.common import IMAGE_BYTES, DataRef, ImageSearchError
-from tasks.decode import read_all_images, release_pages, with_limit
-from tasks.sample import to_stl10_bytes
+from tasks.errors import ImageSearchError
+from tasks.sources.stl10 import IMAGE_BYTES
+from tasks.storage import DataRef
+from tasks.sources.stl10 import read_all_images, release_pages, with_limit
+from tasks.sources.sample import to_stl10_bytes
 
 
 def test_nhwc_orientation_from_an_asymmetric_pattern(tmp_path: Path) -> None:
@@ -79,7 +81,7 @@ def test_limit(tmp_path: Path) -> None:
     for bad in (0, -1):
         with pytest.raises(ImageSearchError, match=f"limit = {bad}; it must be at least 1"):
             with_limit(ref, bad)
-    with pytest.raises(ImageSearchError, match="use --limit 5 or less"):
+    with pytest.raises(ImageSearchError, match="use a limit of 5 or less"):
         with_limit(ref, 9)
 
 

@@ -6,21 +6,18 @@ import hashlib
 import socket
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from tasks.common import IMAGE_BYTES, ImageSearchError
-from tasks.decode import read_all_images
-from tasks.download import (
-    OFFICIAL,
-    OFFICIAL_URL,
-    Checksums,
-    default_data_dir,
-    download_and_extract,
-    download_file,
-    extract_members,
-)
+from tasks.errors import ImageSearchError, TransientNetworkError
+from tasks.sources.archive import extract_members
+from tasks.sources.cache import default_data_dir
+from tasks.sources.fetch import download_file
+from tasks.sources.resolve import download_and_extract, download_task, is_transient
+from tasks.sources.stl10 import IMAGE_BYTES, OFFICIAL, OFFICIAL_URL, Checksums, read_all_images
+from tasks.storage import DataRef
 from tests.conftest import FakeStl10, MisbehavingServer, make_tarball
 
 TAR = "/stl10/stl10_binary.tar.gz"
@@ -85,7 +82,10 @@ def test_interrupted_download_resumes_with_range(
     http_server.files[TAR] = fake_stl10.tarball
     http_server.cut_once[TAR] = [len(fake_stl10.tarball) // 3]
     dest = tmp_path / "x.tar.gz"
-    download_file(http_server.url(TAR), dest, fake_stl10.tar_md5, backoff=0.01, progress=False)
+    with pytest.raises(TransientNetworkError, match="connection closed after"):
+        download_file(http_server.url(TAR), dest, fake_stl10.tar_md5, progress=False)
+    assert not dest.exists()  # one attempt per call: the next call continues the .part file
+    download_file(http_server.url(TAR), dest, fake_stl10.tar_md5, progress=False)
     assert dest.read_bytes() == fake_stl10.tarball
     ranges = [r for _, r in http_server.requests]
     assert ranges[0] is None
@@ -104,15 +104,73 @@ def test_partial_file_from_a_killed_run_is_resumed(
     assert http_server.requests == [(TAR, f"bytes={half}-")]
 
 
-def test_transient_server_errors_are_retried(
+@pytest.fixture
+def fake_official(monkeypatch: pytest.MonkeyPatch, fake_stl10: FakeStl10) -> None:
+    """The download task checks the generated archive's sums instead of the official ones."""
+    monkeypatch.setattr("tasks.sources.resolve.OFFICIAL", fake_stl10.checksums())
+    monkeypatch.setenv("IMAGE_SEARCH_RETRY_BACKOFF", "0.01")
+
+
+def _download_in_a_flow(source: str, data_dir: Path) -> Any:
+    """Run the download task the way the flow does, with Prefect's retries; return its state."""
+    from prefect import flow
+
+    @flow
+    def fetch() -> DataRef:
+        return download_task()(source, str(data_dir))
+
+    return fetch(return_state=True)
+
+
+@pytest.mark.usefixtures("prefect_harness", "fake_official")
+def test_transient_errors_are_retried_by_the_task_alone(
     http_server: MisbehavingServer, fake_stl10: FakeStl10, tmp_path: Path
 ) -> None:
     http_server.files[TAR] = fake_stl10.tarball
     http_server.fail_status[TAR] = [503, 502]
+    http_server.cut_once[TAR] = [len(fake_stl10.tarball) // 3]
+    state = _download_in_a_flow(http_server.url(TAR), tmp_path)
+    assert state.is_completed(), state.message
+    assert Path(state.result().uri).read_bytes() == fake_stl10.unlabeled
+    # Two 5xx answers, one cut connection, then the rest with a Range request: 4 requests in
+    # 4 task attempts, each attempt exactly one request.
+    ranges = [r for _, r in http_server.requests]
+    assert ranges == [None, None, None, f"bytes={len(fake_stl10.tarball) // 3}-"]
+
+
+@pytest.mark.usefixtures("prefect_harness", "fake_official")
+def test_user_errors_and_bugs_are_not_retried(
+    http_server: MisbehavingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = _download_in_a_flow(http_server.url("/missing.tar.gz"), tmp_path)
+    assert state.is_failed()
+    assert len(http_server.requests) == 1  # HTTP 404: the user's to fix, asked once
+    calls: list[str] = []
+
+    def buggy(source: str, data_dir: Path | None = None) -> DataRef:
+        calls.append(source)
+        raise KeyError("a bug, not the network")
+
+    monkeypatch.setattr("tasks.sources.resolve.download_and_extract", buggy)
+    state = _download_in_a_flow("sample", tmp_path)
+    assert state.is_failed() and calls == ["sample"]
+
+
+def test_retry_delays_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGE_SEARCH_RETRY_BACKOFF", "3")
+    assert download_task().retry_delay_seconds == [3.0, 6.0, 12.0, 24.0, 48.0]
+    assert is_transient.__name__ == download_task().retry_condition_fn.__name__  # type: ignore[union-attr]
+
+
+def test_the_download_stops_at_the_expected_size(
+    http_server: MisbehavingServer, tmp_path: Path
+) -> None:
+    http_server.files[TAR] = b"x" * 5000
+    http_server.hide_length.add(TAR)
     dest = tmp_path / "x.tar.gz"
-    download_file(http_server.url(TAR), dest, fake_stl10.tar_md5, backoff=0.01, progress=False)
-    assert dest.read_bytes() == fake_stl10.tarball
-    assert len(http_server.requests) == 3
+    with pytest.raises(ImageSearchError, match="sent more than the expected 4,096 bytes"):
+        download_file(http_server.url(TAR), dest, None, max_bytes=4096, progress=False)
+    assert not dest.exists() and not (tmp_path / "x.tar.gz.part").exists()
 
 
 def test_wrong_checksum_never_reaches_the_cache(
@@ -176,19 +234,16 @@ def test_http_404_names_the_url(http_server: MisbehavingServer, tmp_path: Path) 
 def test_offline_error_names_url_cache_path_and_sample(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sleeps: list[float] = []
-    monkeypatch.setattr("tasks.download.time.sleep", sleeps.append)
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/stl10_binary.tar.gz"
-    with pytest.raises(ImageSearchError) as info:
+    with pytest.raises(TransientNetworkError) as info:  # refused: the task tries again later
         download_and_extract(url, tmp_path)
     text = str(info.value)
     assert url in text
     assert str(tmp_path / "stl10_binary.tar.gz") in text
     assert "--source sample" in text
-    assert sleeps == [1.0, 2.0, 4.0]  # refused connections are retried with backoff first
 
 
 def test_unknown_scheme_and_missing_path(tmp_path: Path) -> None:
@@ -233,5 +288,5 @@ def test_sample_source(tmp_path: Path) -> None:
     ref = download_and_extract("sample", tmp_path)
     assert ref.rows >= 2000
     assert Path(ref.uri).stat().st_size == ref.rows * IMAGE_BYTES
-    digest = hashlib.md5(Path(ref.uri).read_bytes()).hexdigest()
+    digest = hashlib.sha256(Path(ref.uri).read_bytes()).hexdigest()
     assert ref.fingerprint == f"sample-{digest[:12]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,20 +15,20 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-import tasks.embed as embed_mod
-from tasks.common import DataRef, ImageSearchError
-from tasks.embed import (
+import tasks.features.store as store_mod
+from tasks.errors import ImageSearchError
+from tasks.features.embed import embed_split, extract_features
+from tasks.features.model import (
     DIM,
     build_model,
-    embed_split,
-    extract_features,
     keras_weights_path,
-    load_features,
     make_forward,
-    read_metadata,
+    weights_identity,
 )
-from tasks.sample import to_stl10_bytes
-from tasks.split import split_dataset
+from tasks.features.store import load_features, read_metadata
+from tasks.sources.sample import to_stl10_bytes
+from tasks.split import SplitRef, split_dataset
+from tasks.storage import DataRef, RunFolder
 from tests.conftest import pattern_images
 
 
@@ -57,14 +58,27 @@ def test_forward_shapes_and_preprocessing(forward: Callable[[np.ndarray], np.nda
     np.testing.assert_allclose(forward(images[:2]), out[:2], rtol=1e-4, atol=1e-4)
 
 
-def test_extract_features_files_load_everywhere(tmp_path: Path) -> None:
+@pytest.fixture
+def small_run(tmp_path: Path) -> tuple[DataRef, SplitRef, RunFolder]:
+    """30 generated images split 24/6 into a run folder (split committed)."""
     data = tmp_path / "imgs.bin"
     data.write_bytes(to_stl10_bytes(pattern_images(30)))
     dataset = DataRef(uri=str(data), rows=30, fingerprint="fp-30")
-    split = split_dataset(dataset, tmp_path, 0.8, seed=0)
-    feats = extract_features(dataset, split, tmp_path, weights="none", batch_size=8, progress=False)
-    index_path = tmp_path / "features" / "index.parquet"
-    assert feats.index.uri == str(index_path) and feats.index.rows == 24 and feats.query.rows == 6
+    run = RunFolder(tmp_path / "out")
+    split_dataset(dataset, run, 0.8, seed=0)
+    run.commit(["split"])
+    return dataset, split_dataset(dataset, run, 0.8, seed=0), run
+
+
+def test_extract_features_files_load_everywhere(
+    small_run: tuple[DataRef, SplitRef, RunFolder],
+) -> None:
+    dataset, split, run = small_run
+    feats = extract_features(dataset, split, run, weights="none", batch_size=8, progress=False)
+    assert feats.index.uri == str(run.staging / "features" / "index.parquet")
+    assert run.commit(["embed"]) == ["embed"]
+    index_path = run.out / "features" / "index.parquet"
+    assert feats.index.rows == 24 and feats.query.rows == 6
     schema = pq.read_schema(index_path)
     assert str(schema.field("image_id").type) == "int64"
     assert str(schema.field("embedding").type) == "fixed_size_list<element: float>[2048]"
@@ -88,14 +102,54 @@ def test_extract_features_files_load_everywhere(tmp_path: Path) -> None:
     np.testing.assert_array_equal(pl_frame["embedding"].to_numpy()[3], emb[3])
     # A rerun with the same inputs writes nothing.
     mtime = index_path.stat().st_mtime_ns
-    again = extract_features(dataset, split, tmp_path, weights="none", batch_size=8, progress=False)
+    again = extract_features(dataset, split, run, weights="none", batch_size=8, progress=False)
     assert again.device == "cached" and index_path.stat().st_mtime_ns == mtime
+    assert again.index.uri == str(index_path) and again.index.fingerprint == feats.index.fingerprint
+
+
+def test_damaged_features_are_recomputed_never_trusted(
+    small_run: tuple[DataRef, SplitRef, RunFolder],
+) -> None:
+    dataset, split, run = small_run
+    first = extract_features(dataset, split, run, weights="none", batch_size=8, progress=False)
+    run.commit(["embed"])
+    index_path = run.out / "features" / "index.parquet"
+    _, good = load_features(index_path)
+    # One embedding overwritten in place, same size: the page checksum and the stage record
+    # both catch it.
+    raw = bytearray(index_path.read_bytes())
+    at = raw.index(good[3].tobytes()[:64])
+    raw[at : at + 8] = b"\x00" * 8
+    index_path.write_bytes(bytes(raw))
+    with pytest.raises(ImageSearchError, match="is damaged"):
+        load_features(index_path)
+    again = extract_features(dataset, split, run, weights="none", batch_size=8, progress=False)
+    assert again.device != "cached"  # embedded again, not trusted
+    assert again.index.fingerprint == first.index.fingerprint
+    run.commit(["embed"])
+    np.testing.assert_array_equal(load_features(index_path)[1], good)
+    # Truncated: recomputed as well, not called foreign.
+    index_path.write_bytes(index_path.read_bytes()[:1000])
+    extract_features(dataset, split, run, weights="none", batch_size=8, progress=False)
+    run.commit(["embed"])
+    np.testing.assert_array_equal(load_features(index_path)[1], good)
+
+
+def test_a_replaced_weights_file_changes_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "w.h5"
+    path.write_bytes(b"first weights")
+    first = weights_identity(str(path))
+    stat = path.stat()
+    path.write_bytes(b"other weights")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the same mtime
+    assert weights_identity(str(path)) != first
+    assert weights_identity("none") == "none"
 
 
 def test_interrupted_embedding_resumes_at_first_missing_part(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(embed_mod, "ROWS_PER_PART", 10)
+    monkeypatch.setattr(store_mod, "ROWS_PER_PART", 10)
     images = pattern_images(35)
     ids = np.arange(35, dtype=np.int64)
     dest = tmp_path / "features" / "index.parquet"
@@ -193,8 +247,9 @@ def test_embedding_a_large_file_reads_only_its_batches(tmp_path: Path) -> None:
     code = f"""
 import resource, numpy as np
 from pathlib import Path
-from tasks.decode import read_all_images
-from tasks.embed import embed_split, DIM
+from tasks.sources.stl10 import read_all_images
+from tasks.features.embed import embed_split
+from tasks.features.model import DIM
 images = read_all_images({str(data)!r})
 ids = np.arange(98_000, 100_000, dtype=np.int64)
 forward = lambda b: np.zeros((len(b), DIM), np.float32) + b.reshape(len(b), -1)[:, :1]

@@ -7,18 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.common import ImageSearchError
-from tasks.embed import _table, _write_parquet
-from tasks.knn import (
+from tasks.errors import ImageSearchError
+from tasks.features.embed import Features
+from tasks.features.store import table, write_part
+from tasks.search.backends import (
     BACKENDS,
     CumlBackend,
     choose_backends,
-    load_neighbors,
     make_backend,
-    run_backend,
     to_euclidean,
     validate_k,
 )
+from tasks.search.knn import load_neighbors, run_backend, search_features
+from tasks.storage import DataRef, RunFolder
 
 
 def reference(index: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,13 +38,24 @@ def features(n: int, d: int, seed: int) -> np.ndarray:
 
 
 def assert_matches_reference(
-    dist: np.ndarray, ids: np.ndarray, ref_d: np.ndarray, ref_i: np.ndarray, index: np.ndarray
+    dist: np.ndarray,
+    ids: np.ndarray,
+    ref_d: np.ndarray,
+    index: np.ndarray,
+    index_ids: np.ndarray,
+    queries: np.ndarray,
 ) -> None:
+    """The k distances equal the float64 reference, and every returned id really lies at the
+    distance reported for it (so a tie may reorder ids, but never swap in a farther image).
+
+    dist, ids, ref_d: (nq, k); index (n, d) with image ids ``index_ids`` (n,); queries (nq, d).
+    """
     np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-3)
-    differ = ids != ref_i
-    if differ.any():  # only ties may reorder: the neighbours found must be as close
-        rows, cols = np.nonzero(differ)
-        np.testing.assert_allclose(dist[rows, cols], ref_d[rows, cols], rtol=1e-4, atol=1e-3)
+    rows = np.searchsorted(index_ids, ids)  # index_ids are sorted
+    assert np.array_equal(index_ids[rows], ids), "a backend returned an id not in the index"
+    true = np.linalg.norm(index[rows].astype(np.float64) - queries[:, None, :], axis=-1)
+    np.testing.assert_allclose(dist, true, rtol=1e-4, atol=1e-3)
+    assert all(len(set(row)) == len(row) for row in ids.tolist()), "an id returned twice"
 
 
 def test_to_euclidean_converts_squared_distances() -> None:
@@ -67,11 +79,11 @@ def test_cpu_backends_equal_float64_reference(name: str, k: int, tmp_path: Path)
     run = run_backend(backend, ipath, qpath, k, tmp_path / f"{name}.npz")
     assert run.available and run.k == k and run.n_queries == 42
     assert run.fit_seconds >= 0 and run.search_seconds > 0
-    qids, dist, nids = load_neighbors(run)
+    qids, dist, nids = load_neighbors(run, tmp_path)
     np.testing.assert_array_equal(qids, ids_query)
     assert dist.dtype == np.float32 and nids.dtype == np.int64 and dist.shape == (42, k)
-    ref_d, ref_pos = reference(index, queries, k)
-    assert_matches_reference(dist, nids, ref_d, ids_index[ref_pos], index)
+    ref_d, _ = reference(index, queries, k)
+    assert_matches_reference(dist, nids, ref_d, index, ids_index, queries)
     # A query identical to an index image finds it at distance zero.
     assert dist[-2, 0] == pytest.approx(0, abs=1e-3)
 
@@ -93,7 +105,7 @@ def _write_dim(x: np.ndarray, ids: np.ndarray, path: Path) -> None:
 
 def test_pipeline_width_features_round_trip(tmp_path: Path) -> None:
     x = features(20, 2048, seed=3)
-    _write_parquet(_table(np.arange(20), x), tmp_path / "f.parquet")
+    write_part(table(np.arange(20), x), tmp_path / "f.parquet")
     run = run_backend(
         make_backend("sklearn"),
         tmp_path / "f.parquet",
@@ -101,7 +113,7 @@ def test_pipeline_width_features_round_trip(tmp_path: Path) -> None:
         2,
         tmp_path / "s.npz",
     )
-    _, dist, nids = load_neighbors(run)
+    _, dist, nids = load_neighbors(run, tmp_path)
     # Each image is its own nearest neighbour; images 4 and 5 are duplicates, so a tie.
     unique = [i for i in range(20) if i not in (4, 5)]
     np.testing.assert_array_equal(nids[unique, 0], unique)
@@ -133,16 +145,16 @@ def test_unknown_backend_and_default_choice() -> None:
 
 
 def test_unavailable_backend_is_reported_not_fatal(tmp_path: Path) -> None:
-    backend = CumlBackend()
-    reason = backend.unavailable_reason()
+    reason = CumlBackend().unavailable_reason()
     if reason is None:
         pytest.skip("cuML can run here")
-    run = run_backend(
-        backend, tmp_path / "none.parquet", tmp_path / "none.parquet", 3, tmp_path / "c.npz"
-    )
-    assert not run.available
+    ref = DataRef(uri=str(tmp_path / "none.parquet"), rows=10, fingerprint="x")
+    features = Features(index=ref, query=ref, model={}, device="cpu")
+    run = search_features(features, RunFolder(tmp_path), "cuml", 3)
+    assert not run.available and run.path is None
     assert run.reason == reason
     assert "CUDA" in reason or "not installed" in reason
+    assert not (tmp_path / ".staging").exists()  # nothing recorded for a backend that never ran
 
 
 @pytest.mark.gpu
@@ -150,13 +162,13 @@ def test_cuml_equals_float64_reference(tmp_path: Path) -> None:
     index = features(2000, 2048, seed=5)
     queries = features(100, 2048, seed=6)
     ipath, qpath = tmp_path / "index.parquet", tmp_path / "query.parquet"
-    _write_parquet(_table(np.arange(2000), index), ipath)
-    _write_parquet(_table(np.arange(2000, 2100), queries), qpath)
+    write_part(table(np.arange(2000), index), ipath)
+    write_part(table(np.arange(2000, 2100), queries), qpath)
     run = run_backend(CumlBackend(), ipath, qpath, 3, tmp_path / "cuml.npz")
     assert run.available, run.reason
-    _, dist, nids = load_neighbors(run)
-    ref_d, ref_pos = reference(index, queries, 3)
-    assert_matches_reference(dist, nids, ref_d, ref_pos, index)
+    _, dist, nids = load_neighbors(run, tmp_path)
+    ref_d, _ = reference(index, queries, 3)
+    assert_matches_reference(dist, nids, ref_d, index, np.arange(2000), queries)
 
 
 def test_faiss_loads_after_sklearn_so_neither_starves() -> None:
@@ -164,7 +176,8 @@ def test_faiss_loads_after_sklearn_so_neither_starves() -> None:
     import sys
 
     code = (
-        "import sys; from tasks.knn import FaissBackend; FaissBackend().unavailable_reason(); "
+        "import sys; from tasks.search.backends import FaissBackend; "
+        "FaissBackend().unavailable_reason(); "
         "mods = list(sys.modules); print(mods.index('sklearn') < mods.index('faiss'))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

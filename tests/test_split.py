@@ -6,11 +6,13 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.common import DataRef, ImageSearchError
+from tasks.errors import ImageSearchError
 from tasks.split import read_split, split_dataset, split_ids
+from tasks.storage import DataRef, RunFolder
 
 
 def test_same_seed_same_split_and_ratio() -> None:
@@ -40,21 +42,44 @@ def test_ratio_that_empties_a_side() -> None:
 
 def test_split_parquet_schema_and_rerun(tmp_path: Path) -> None:
     ref = DataRef(uri="x", rows=50, fingerprint="abc")
-    out = split_dataset(ref, tmp_path, 0.8, 1)
+    run = RunFolder(tmp_path)
+    out = split_dataset(ref, run, 0.8, 1)
     assert (out.n_index, out.n_query) == (40, 10)
-    table = pq.read_table(tmp_path / "split.parquet")
+    assert not (tmp_path / "split.parquet").exists()  # staged until the run commits
+    assert run.commit(["split"]) == ["split"]
+    path = tmp_path / "split.parquet"
+    table = pq.read_table(path)
     assert table.column_names == ["image_id", "split"]
     assert str(table.schema.field("image_id").type) == "int64"
     assert table.column("image_id").to_pylist() == list(range(50))
-    path = tmp_path / "split.parquet"
     counts = duckdb.sql(
         f"select split::varchar s, count(*) n from '{path}' group by s order by s"
     ).fetchall()
     assert counts == [("index", 40), ("query", 10)]
-    index_ids, _ = read_split(tmp_path / "split.parquet")
+    index_ids, _ = read_split(path)
     np.testing.assert_array_equal(index_ids, split_ids(50, 0.8, 1)[0])
-    mtime = (tmp_path / "split.parquet").stat().st_mtime_ns
-    assert split_dataset(ref, tmp_path, 0.8, 1) == out
-    assert (tmp_path / "split.parquet").stat().st_mtime_ns == mtime  # rerun: nothing written
-    split_dataset(ref, tmp_path, 0.8, 2)
-    assert (tmp_path / "split.parquet").stat().st_mtime_ns != mtime
+    mtime = path.stat().st_mtime_ns
+    again = split_dataset(ref, run, 0.8, 1)
+    assert (again.uri, again.fingerprint) == (str(path), out.fingerprint)
+    assert run.commit(["split"]) == []  # rerun: nothing written, nothing to switch
+    assert path.stat().st_mtime_ns == mtime
+    split_dataset(ref, run, 0.8, 2)
+    run.commit(["split"])
+    assert path.stat().st_mtime_ns != mtime
+
+
+def test_a_damaged_split_is_recomputed_or_named(tmp_path: Path) -> None:
+    ref = DataRef(uri="x", rows=20, fingerprint="abc")
+    run = RunFolder(tmp_path)
+    first = split_dataset(ref, run, 0.5, 0)
+    run.commit(["split"])
+    path = tmp_path / "split.parquet"
+    # A duplicated id written over our file: the stage notices the changed bytes and rewrites.
+    pq.write_table(pa.table({"image_id": [0, 0], "split": ["index", "query"]}), path)
+    with pytest.raises(ImageSearchError, match="appears more than once"):
+        read_split(path)
+    again = split_dataset(ref, run, 0.5, 0)
+    assert again.fingerprint == first.fingerprint
+    run.commit(["split"])
+    index_ids, query_ids = read_split(path)
+    assert len(index_ids) == len(query_ids) == 10

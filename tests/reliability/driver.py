@@ -47,16 +47,16 @@ def _pause_point(point: str) -> None:
 
 def _install() -> None:
     if spec := os.environ.get("RELIABILITY_CHECKSUMS"):
-        import tasks.download
+        import tasks.sources.resolve
 
         sums = json.loads(spec)
-        tasks.download.OFFICIAL = tasks.download.Checksums(
+        tasks.sources.resolve.OFFICIAL = tasks.sources.resolve.Checksums(
             tarball=sums["tarball"], members=sums["members"]
         )
     if rows := os.environ.get("RELIABILITY_ROWS_PER_PART"):
-        import tasks.embed
+        import tasks.features.store
 
-        tasks.embed.ROWS_PER_PART = int(rows)
+        tasks.features.store.ROWS_PER_PART = int(rows)
     _install_forward_hook()
     _install_merge_hook()
     _install_search_hook()
@@ -64,9 +64,9 @@ def _install() -> None:
 
 
 def _install_forward_hook() -> None:
-    import tasks.embed
+    import tasks.features.embed
 
-    original = tasks.embed.make_forward
+    original = tasks.features.embed.make_forward
     count_file = os.environ.get("RELIABILITY_COUNT")
 
     def make_forward(model: Any) -> Any:
@@ -82,7 +82,7 @@ def _install_forward_hook() -> None:
 
         return call
 
-    tasks.embed.make_forward = make_forward
+    tasks.features.embed.make_forward = make_forward
 
 
 def _install_merge_hook() -> None:
@@ -93,16 +93,16 @@ def _install_merge_hook() -> None:
     def write_table(self: Any, table: Any, *args: Any, **kwargs: Any) -> None:
         original(self, table, *args, **kwargs)
         where = Path(str(self.where))
-        if where.parent.name == "features" and where.name.endswith(".tmp"):
+        if where.parent.name == "features" and where.name.startswith(".image-search-tmp."):
             _pause_point("merge")
 
     pq.ParquetWriter.write_table = write_table  # type: ignore[method-assign]
 
 
 def _install_search_hook() -> None:
-    import tasks.knn
+    import tasks.search.backends
 
-    for make in tasks.knn.BACKENDS.values():
+    for make in tasks.search.backends.BACKENDS.values():
         cls = make if isinstance(make, type) else type(make())
         original = cls.search
 
@@ -118,7 +118,7 @@ def _install_extract_hook() -> None:
     import hashlib
     import types
 
-    import tasks.download
+    import tasks.sources.archive
 
     class PausingMd5:
         def __init__(self) -> None:
@@ -131,7 +131,7 @@ def _install_extract_hook() -> None:
         def hexdigest(self) -> str:
             return self._h.hexdigest()
 
-    tasks.download.hashlib = types.SimpleNamespace(md5=PausingMd5)  # type: ignore[attr-defined]
+    tasks.sources.archive.hashlib = types.SimpleNamespace(md5=PausingMd5)  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from tasks.download import Checksums, download_and_extract
+from tasks.sources.resolve import download_and_extract
+from tasks.sources.stl10 import Checksums
 from tests.conftest import make_fake_stl10
 from tests.reliability.conftest import REPO, MisbehavingServer
 
