@@ -1,10 +1,11 @@
-"""Deployment steps of ``prefect.yaml``: build and push the flow-run image, only when asked.
+"""Deployment steps of ``prefect.yaml`` for the `gpu` deployment: name, build and push its image.
 
-``prefect deploy`` runs every build step of every deployment it deploys and has no switch to skip
-one, so the image build is gated here: with ``IMAGE_SEARCH_BUILD_IMAGE=1`` (CI with Docker) these
-steps call prefect-docker's ``build_docker_image`` / ``push_docker_image``; otherwise they only
-name the image of the current commit, which CI built and pushed, and ``prefect deploy --all``
-works on any machine with git, without Docker or prefect-docker.
+The image is ``$IMAGE_SEARCH_REGISTRY/image-search:<git sha>``. With ``IMAGE_SEARCH_BUILD_IMAGE=1``
+these steps build it from infra/Dockerfile and push it with prefect-docker, so one command on a
+machine with Docker builds, pushes and deploys a commit. Without the flag they only name the
+image, which an earlier build of the same commit must have pushed; then ``prefect deploy`` needs
+neither Docker nor prefect-docker. Without a registry there is no image a pod could pull, so the
+deploy stops with the variable to set.
 """
 
 from __future__ import annotations
@@ -12,6 +13,18 @@ from __future__ import annotations
 from typing import Any
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+REGISTRY_EXAMPLE = "registry.cn-hangzhou.aliyuncs.com/your-namespace"
+
+
+class DeployStepError(SystemExit):
+    """A deployment that cannot work as configured: ``prefect deploy`` exits 1 with this message.
+
+    A ``SystemExit`` because Prefect re-raises it as is, where any ``Exception`` from a step is
+    wrapped and printed with two tracebacks before the message.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"prefect deploy: error: {message}")
 
 
 def _wanted(flag: str | bool | None) -> bool:
@@ -26,18 +39,25 @@ def _prefect_docker() -> Any:
     try:
         from prefect_docker.deployments import steps
     except ImportError as exc:
-        raise RuntimeError(
+        raise DeployStepError(
             "IMAGE_SEARCH_BUILD_IMAGE is set but prefect-docker is not installed: "
-            "pip install prefect-docker (and have a Docker engine), or unset it to deploy "
-            "the image CI pushed."
+            "pip install prefect-docker (and have a Docker engine), or unset "
+            "IMAGE_SEARCH_BUILD_IMAGE to deploy an image that was already pushed."
         ) from exc
     return steps
 
 
 def image_name_for(registry: str | None, repository: str) -> str:
-    """``registry/repository``, or the bare repository when no registry is given."""
+    """``registry/repository``; refuses an empty registry with the variable to set."""
     registry = (registry or "").strip().rstrip("/")
-    return f"{registry}/{repository}" if registry else repository
+    if not registry:
+        raise DeployStepError(
+            "IMAGE_SEARCH_REGISTRY is not set, so the gpu deployment would name the bare image "
+            f"'{repository}', which no cluster can pull. Set it to the registry the cluster "
+            f"pulls from (export IMAGE_SEARCH_REGISTRY={REGISTRY_EXAMPLE}), or deploy only the "
+            "local deployment: prefect --no-prompt deploy --name local"
+        )
+    return f"{registry}/{repository}"
 
 
 def build_image(
@@ -54,12 +74,16 @@ def build_image(
     """
     tag = tag.strip()
     if not tag:
-        raise ValueError("tag is empty: the git-sha step must run first (is this a git checkout?)")
+        raise DeployStepError(
+            "the image tag is empty: the git-sha step found no commit. Deploy from a git "
+            "checkout with at least one commit."
+        )
     image_name = image_name_for(registry, repository)
     if not _wanted(build):
         print(
-            f"Not building {image_name}:{tag} (IMAGE_SEARCH_BUILD_IMAGE is not set): "
-            "the deployment uses the image CI pushed for this commit."
+            f"Not building {image_name}:{tag} (IMAGE_SEARCH_BUILD_IMAGE is not set): the "
+            "deployment uses that image, which must already be in the registry. To build and "
+            "push it: IMAGE_SEARCH_BUILD_IMAGE=1 prefect --no-prompt deploy --name gpu"
         )
         return {
             "image_name": image_name,
@@ -67,12 +91,6 @@ def build_image(
             "image": f"{image_name}:{tag}",
             "built": False,
         }
-    if not (registry or "").strip():
-        raise ValueError(
-            "IMAGE_SEARCH_BUILD_IMAGE is set but IMAGE_SEARCH_REGISTRY is empty: a pod cannot pull "
-            "an image without a registry. Set IMAGE_SEARCH_REGISTRY, e.g. "
-            "registry.cn-hangzhou.aliyuncs.com/your-namespace."
-        )
     build_docker_image = _prefect_docker().build_docker_image
     result = dict(
         build_docker_image(image_name=image_name, tag=tag, dockerfile=dockerfile, platform=platform)

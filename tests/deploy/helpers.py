@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -13,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
 # The `prefect` command of the interpreter running the tests (also for infra/*.sh).
 BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect")
@@ -228,3 +231,27 @@ def git_sha(repo: Path, length: int = 12) -> str:
         text=True,
         check=True,
     ).stdout.strip()
+
+
+def readme_commands(section: str) -> str:
+    """The first ```bash block under README.md's ``## <section>`` heading, as written."""
+    text = README.read_text()
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    body = text[start : end if end != -1 else len(text)]
+    block = re.search(r"^```bash\n(.*?)^```$", body, re.MULTILINE | re.DOTALL)
+    assert block, f"README.md's {section} section has no bash block"
+    return block.group(1)
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
+    """Poll ``check`` every half second until it holds; fail with the log's end otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what}: not after {timeout:.0f} s\n{log_tail(log)}")

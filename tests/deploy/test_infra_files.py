@@ -3,12 +3,16 @@ files, no secret and no public endpoint anywhere, the image and the pull step ag
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -27,6 +31,8 @@ from tests.deploy.helpers import (
 
 K8S_VERSION = kubernetes_validate.latest_version()
 CRD_KINDS = {"ImageCache"}
+# The prefect-worker chart's values schema (origin and licence in data/README.md).
+WORKER_VALUES_SCHEMA = Path(__file__).parent / "data" / "prefect-worker-values.schema.json"
 
 
 def manifests_of(kind: str) -> list[dict[str, Any]]:
@@ -80,6 +86,23 @@ def test_imagecache_is_a_crd_validated_as_far_as_possible() -> None:
     assert 1 <= spec.get("retentionDays", 1) <= 65536
 
 
+def test_image_size_is_stated_once_and_fits_the_cache() -> None:
+    """infra/README.md and k8s/imagecache.yaml give the same image size, no other figure for
+    it, and the cache disk they name is the manifest's and holds the image."""
+    readme = (INFRA / "README.md").read_text()
+    manifest_text = (INFRA / "k8s" / "imagecache.yaml").read_text()
+    sizes = {
+        name: re.findall(r"more than (\d+) GB\s+unpacked", text)
+        for name, text in (("README", readme), ("imagecache.yaml", manifest_text))
+    }
+    assert sizes["README"] and sizes["README"][:1] == sizes["imagecache.yaml"], sizes
+    assert not re.search(r"~\s*\d+ GB|about \d+ GB", readme + manifest_text)
+    (cache,) = manifests_of("ImageCache")
+    stated = re.search(r"`imageCacheSize` in `k8s/imagecache.yaml` is (\d+) GiB", readme)
+    assert stated and int(stated.group(1)) == cache["spec"]["imageCacheSize"]
+    assert cache["spec"]["imageCacheSize"] * 2**30 > int(sizes["README"][0]) * 10**9
+
+
 def test_names_agree_across_files() -> None:
     """Namespace, service account, pool name, API URL and volume claim match everywhere."""
     template = load_pool_template()
@@ -101,12 +124,13 @@ def test_names_agree_across_files() -> None:
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": namespace_name}
     ]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    observer = {e["name"]: e["value"] for e in values["worker"]["extraEnvVars"]}
-    assert observer["PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES"] == namespace_name
+    # The chart turns jobNamespace into PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES.
+    assert values["worker"]["config"]["jobNamespace"] == namespace_name
 
     gpu_pool = deployment_config("gpu")["work_pool"]["name"]
     assert values["worker"]["config"]["workPool"] == gpu_pool
-    assert values["worker"]["serverApiConfig"]["apiUrl"] == variables["prefect_api_url"]["default"]
+    api = values["worker"]["selfHostedServerApiConfig"]["apiUrl"]
+    assert api == variables["prefect_api_url"]["default"]
     (claim,) = manifests_of("PersistentVolumeClaim")
     assert variables["pvc_name"]["default"] == claim["metadata"]["name"]
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
@@ -160,9 +184,78 @@ def test_no_public_endpoint_and_no_credential_in_any_file() -> None:
         assert not re.search(r"pnu_[A-Za-z0-9]{10,}", text), name
 
 
-def test_dockerfile_bakes_weights_and_runs_as_the_pods_user() -> None:
-    """RAPIDS base, TensorFlow's CUDA build, weights in the Keras cache, a non-root user whose
-    id the pod's securityContext expects, and the code where the pull step looks."""
+def worker_values_validator() -> jsonschema.Draft7Validator:
+    """The chart's values schema (draft 7, what Helm reads), itself checked as a schema."""
+    schema = json.loads(WORKER_VALUES_SCHEMA.read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def test_worker_values_fit_the_charts_values_schema() -> None:
+    """What `helm install` checks first: every key known to the chart, every value allowed."""
+    errors = [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in worker_values_validator().iter_errors(worker_values())
+    ]
+    assert errors == []
+    assert worker_values()["worker"]["apiConfig"] == "selfHostedServer"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"apiConfig": "server"}, "'server' is not one of"),
+        ({"serverApiConfig": {"apiUrl": "http://x/api"}}, "'serverApiConfig' was unexpected"),
+        ({"config": {"workPool": "p", "observerNamespaces": "x"}}, "was unexpected"),
+    ],
+    ids=["old-api-config", "old-server-key", "unknown-config-key"],
+)
+def test_worker_values_schema_refuses_the_old_chart_keys(
+    change: dict[str, Any], message: str
+) -> None:
+    """The schema check can fail: the keys of older chart versions are refused."""
+    values = worker_values()
+    values["worker"].update(change)
+    messages = [e.message for e in worker_values_validator().iter_errors(values)]
+    assert any(message in m for m in messages), messages
+
+
+def test_worker_values_leave_the_charts_own_variables_alone() -> None:
+    """The chart sets the API URL, the observer's namespaces and the cluster id itself; an
+    extraEnvVars entry of the same name would give the worker's container that variable twice."""
+    chart_sets = {
+        "HOME",
+        "PREFECT_API_URL",
+        "PREFECT_API_KEY",
+        "PREFECT_API_AUTH_STRING",
+        "PREFECT_DEBUG_MODE",
+        "PREFECT_KUBERNETES_CLUSTER_UID",
+        "PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES",
+    }
+    extra = {e["name"] for e in worker_values()["worker"].get("extraEnvVars", [])}
+    assert extra & chart_sets == set()
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """infra/Dockerfile as (INSTRUCTION, arguments) pairs, continuation lines joined."""
+    joined = re.sub(r"\\\n", " ", (INFRA / "Dockerfile").read_text())
+    found = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            found.append((word.upper(), " ".join(rest.split())))
+    return found
+
+
+def pod_security_context() -> dict[str, Any]:
+    template = load_pool_template()["job_configuration"]["job_manifest"]["spec"]["template"]
+    return dict(template["spec"]["securityContext"])
+
+
+def test_dockerfile_bakes_weights_and_puts_the_code_where_the_pull_step_looks() -> None:
+    """RAPIDS base, TensorFlow's CUDA build, weights in the Keras cache, code at
+    IMAGE_SEARCH_HOME."""
     dockerfile = (INFRA / "Dockerfile").read_text()
     base = re.search(r"^ARG RAPIDS_IMAGE=(\S+)$", dockerfile, re.MULTILINE)
     assert base and re.fullmatch(
@@ -171,12 +264,6 @@ def test_dockerfile_bakes_weights_and_runs_as_the_pods_user() -> None:
     assert "tensorflow[and-cuda]" in dockerfile
     assert "ResNet50(include_top=False, weights='imagenet')" in dockerfile
     assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in dockerfile
-    user = re.findall(r"^USER (\S+)$", dockerfile, re.MULTILINE)[-1]
-    uid = int(user.split(":")[0])
-    security = load_pool_template()["job_configuration"]["job_manifest"]["spec"]["template"][
-        "spec"
-    ]["securityContext"]
-    assert uid != 0 and security["runAsUser"] == uid
     home = re.search(r"IMAGE_SEARCH_HOME=(\S+)", dockerfile)
     assert home and "WORKDIR ${IMAGE_SEARCH_HOME}" in dockerfile
     pull = load_prefect_yaml()["pull"]
@@ -187,6 +274,71 @@ def test_dockerfile_bakes_weights_and_runs_as_the_pods_user() -> None:
             }
         }
     ]
+
+
+def test_runtime_user_can_run_the_rapids_python() -> None:
+    """RAPIDS images keep /opt/conda root:conda, mode 770: the user the pod runs as must have
+    group `conda` as its primary group (the pod sets no runAsGroup, so the image's passwd entry
+    decides), and the image's last USER and the pod's runAsUser must be that user."""
+    steps = dockerfile_instructions()
+    (useradd,) = [args for word, args in steps if word == "RUN" and "useradd" in args]
+    uid = re.search(r"--uid (\d+)", useradd)
+    assert uid and re.search(r"--gid conda\b", useradd), useradd
+    users = [args for word, args in steps if word == "USER"]
+    assert users[-1] == uid.group(1), "the last USER must be the uid alone, group from passwd"
+    security = pod_security_context()
+    assert security["runAsUser"] == int(uid.group(1)) and security["runAsNonRoot"] is True
+    assert "runAsGroup" not in security, "runAsGroup would replace the primary group conda"
+
+
+def test_image_checks_itself_as_the_runtime_user() -> None:
+    """The build ends with checks run as the pod's user, so an image the pod cannot start fails
+    the build: its group, the project, TensorFlow, Prefect, cuDF/cuML without a GPU, the weights
+    and the entrypoint the worker's arguments go through."""
+    steps = dockerfile_instructions()
+    last_user = max(i for i, (word, _) in enumerate(steps) if word == "USER")
+    after = [args for word, args in steps[last_user + 1 :] if word == "RUN"]
+    assert after, "no RUN after the last USER: every check ran as root"
+    checks = " && ".join(after).replace('"', "")
+    (entrypoint,) = [json.loads(args) for word, args in steps if word == "ENTRYPOINT"]
+    for expected in (
+        "test $(id -u):$(id -gn) = 10001:conda",
+        "python -c import tasks, flows, flows.image_search, tensorflow",
+        "prefect version",
+        "RAPIDS_NO_INITIALIZE=1 python -c import cudf, cuml",
+        "test -r ${KERAS_HOME}/models/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        f"{entrypoint[0]} python -c",
+    ):
+        assert expected in checks, expected
+
+
+def test_pure_functions_log_to_the_run_in_every_deployment() -> None:
+    """PREFECT_LOGGING_EXTRA_LOGGERS=tasks in the image and in both deployments' environments."""
+    env = " ".join(args for word, args in dockerfile_instructions() if word == "ENV")
+    assert "PREFECT_LOGGING_EXTRA_LOGGERS=tasks" in env.split()
+    for name in ("gpu", "local"):
+        job_env = deployment_config(name)["work_pool"]["job_variables"]["env"]
+        assert job_env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "tasks", name
+
+
+def test_extra_loggers_setting_sends_module_loggers_to_the_api() -> None:
+    """What the setting does in a fresh process: a module logger under `tasks.` reaches Prefect's
+    API log handler (without the setting it reaches none)."""
+    probe = (
+        "import logging; from prefect.logging.configuration import setup_logging; "
+        "setup_logging(); lg = logging.getLogger('tasks.sources.fetch'); names = set()\n"
+        "while lg: names |= {type(h).__name__ for h in lg.handlers}; lg = lg.parent\n"
+        "print(sorted(names))"
+    )
+    value = deployment_config("gpu")["work_pool"]["job_variables"]["env"]
+    for setting, expected in ((value["PREFECT_LOGGING_EXTRA_LOGGERS"], True), (None, False)):
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_LOGGING_EXTRA_LOGGERS"}
+        if setting is not None:
+            env["PREFECT_LOGGING_EXTRA_LOGGERS"] = setting
+        done = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+        )
+        assert ("APILogHandler" in done.stdout) is expected, (setting, done.stdout)
 
 
 def test_dockerignore_sends_only_the_package() -> None:
@@ -210,8 +362,8 @@ def test_prefect_yaml_shares_pieces_through_definitions() -> None:
 
 def test_deployment_parameters_are_valid_search_params() -> None:
     """Both deployments' defaults pass the flow's own parameter model; local is the quick one."""
-    gpu = SearchParams(**deployment_config("gpu")["parameters"]["params"])
-    local = SearchParams(**deployment_config("local")["parameters"]["params"])
+    gpu = SearchParams(**deployment_config("gpu")["parameters"])
+    local = SearchParams(**deployment_config("local")["parameters"])
     assert gpu.weights == "imagenet" and gpu.limit is None and "cuml" in (gpu.backends or [])
     assert gpu.out.startswith("/shared/")
     assert (local.source, local.weights) == ("sample", "none")
@@ -281,22 +433,31 @@ def test_build_step_with_the_flag_builds_and_pushes(fake_docker: FakeDocker) -> 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"registry": "", "build": "true"}, "IMAGE_SEARCH_REGISTRY is empty"),
-        ({"registry": "reg.io", "build": "1", "tag": "  "}, "tag is empty"),
+        ({"registry": "", "build": "true"}, "IMAGE_SEARCH_REGISTRY is not set"),
+        ({"registry": None, "build": ""}, "IMAGE_SEARCH_REGISTRY is not set"),
+        ({"registry": "  / ", "build": None}, "IMAGE_SEARCH_REGISTRY is not set"),
+        ({"registry": "reg.io", "build": "1", "tag": "  "}, "the image tag is empty"),
     ],
+    ids=["build-without-registry", "no-registry", "blank-registry", "no-commit"],
 )
 def test_build_step_refuses_what_cannot_work(
     fake_docker: FakeDocker, kwargs: dict[str, Any], message: str
 ) -> None:
-    """Building without a registry, or without a commit, stops the deploy with the fix."""
+    """No registry (building or not: a bare name is unpullable), or no commit: the deploy exits 1
+    with one line that says what to set, and nothing is built."""
     kwargs = {"repository": "image-search", "tag": "abc123", **kwargs}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SystemExit) as stopped:
         deploy_steps.build_image(**kwargs)
+    text = str(stopped.value.code)
+    assert text.startswith("prefect deploy: error: ") and message in text
+    assert "\n" not in text
+    if "REGISTRY" in message:
+        assert "export IMAGE_SEARCH_REGISTRY=" in text and "--name local" in text
     assert fake_docker.calls == []
 
 
 def test_build_step_says_how_to_get_prefect_docker(monkeypatch: pytest.MonkeyPatch) -> None:
     """Asked to build without prefect-docker installed: the error names the package."""
     monkeypatch.setitem(sys.modules, "prefect_docker", None)
-    with pytest.raises(RuntimeError, match="pip install prefect-docker"):
+    with pytest.raises(SystemExit, match="pip install prefect-docker"):
         deploy_steps.build_image("image-search", "abc123", registry="reg.io", build="yes")
