@@ -66,6 +66,35 @@ def test_verified_cache_means_no_network(
     assert len(http_server.requests) == n
 
 
+def test_a_complete_read_only_cache_is_used_without_writing(
+    http_server: MisbehavingServer,
+    fake_stl10: FakeStl10,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shared ReadOnlyMany volume that already holds the verified files is enough; one that
+    does not is a clear error, not a lock file that cannot be created."""
+    http_server.files[TAR] = fake_stl10.tarball
+    download_and_extract(http_server.url(TAR), tmp_path, checksums=fake_stl10.checksums())
+    # Root ignores permission bits, so the read-only volume is simulated where it is probed.
+    monkeypatch.setattr("tasks.sources.cache.is_writable_dir", lambda path: False)
+
+    def no_lock(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a read-only cache must not be locked")
+
+    monkeypatch.setattr("tasks.sources.cache.folder_lock", no_lock)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    ref = download_and_extract(
+        "http://127.0.0.1:9/none.tar.gz", tmp_path, checksums=fake_stl10.checksums()
+    )
+    assert Path(ref.uri).read_bytes() == fake_stl10.unlabeled
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ImageSearchError, match="is read-only and holds no verified"):
+        download_and_extract(http_server.url(TAR), empty, checksums=fake_stl10.checksums())
+
+
 def test_downloaded_but_not_extracted_tarball_gets_extracted(
     fake_stl10: FakeStl10, tmp_path: Path
 ) -> None:

@@ -21,16 +21,10 @@ from typing import Any
 
 import pytest
 
-from tests.http_server import MisbehavingServer
+from tasks.storage import LOCK_FILE, TEMP_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
 VERIFIED = ".verified.json"  # the data cache's record of checked files
-
-
-@pytest.fixture
-def server() -> Iterator[MisbehavingServer]:
-    with MisbehavingServer() as s:
-        yield s
 
 
 @pytest.fixture(scope="session")
@@ -154,7 +148,7 @@ def snapshot(*folders: Path) -> dict[Path, str]:
     files: dict[Path, str] = {}
     for folder in folders:
         for p in sorted(folder.rglob("*")):
-            if p.is_file() and p.name != ".lock":
+            if p.is_file() and p.name != LOCK_FILE:
                 data = p.read_bytes()
                 files[p] = data.decode() if p.name == VERIFIED else hashlib.sha256(data).hexdigest()
     return files
@@ -171,7 +165,7 @@ def assert_unchanged(before: dict[Path, str], *folders: Path) -> None:
             assert all(new.get(k) == v for k, v in old.items()), f"{path} lost entries"
             continue
         assert after[path] == digest, f"{path} was changed"
-    leftovers = [p for p in after if p.name.endswith(".tmp")]
+    leftovers = [p for p in after if p.name.startswith(TEMP_PREFIX)]
     assert leftovers == [], f"temporary files left behind: {leftovers}"
 
 

@@ -24,9 +24,10 @@ import pytest
 
 from flows.cli import main
 from tasks.sources.stl10 import IMAGE_BYTES
+from tasks.storage import LOCK_FILE
 from tests.conftest import make_fake_stl10, make_tarball
+from tests.http_server import MisbehavingServer
 from tests.reliability.conftest import (
-    MisbehavingServer,
     Runner,
     assert_unchanged,
     latest_flow_run,
@@ -175,7 +176,9 @@ def test_weights_of_another_architecture(
     weights = tmp_path / "small.weights.h5"
     keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save_weights(str(weights))
     before = snapshot(baseline.data, baseline.out, tmp_path)
-    code, output = run_cli(baseline.args("--weights", str(weights)), capfd)
+    # A new seed: the preview and the split of the new set are written before the weights
+    # fail to load, but only into staging; the finished run's set stays whole in place.
+    code, output = run_cli(baseline.args("--seed", "1", "--weights", str(weights)), capfd)
     assert_user_error(code, output, f"weights file {weights} does not fit ResNet50")
     assert_unchanged(before, baseline.data, baseline.out, tmp_path)
 
@@ -196,26 +199,29 @@ def test_output_folder_not_writable(
 
 
 @pytest.fixture
-def served(server: MisbehavingServer) -> Iterator[tuple[MisbehavingServer, bytes]]:
+def served(http_server: MisbehavingServer) -> Iterator[tuple[MisbehavingServer, bytes]]:
     fake = make_fake_stl10(n=60)
-    server.files[TAR] = fake.tarball
-    yield server, fake.tarball
+    http_server.files[TAR] = fake.tarball
+    yield http_server, fake.tarball
 
 
 def assert_cache_holds_nothing(data: Path) -> None:
     """A failed source leaves no tarball, no extracted file and no temporary file behind."""
     names = sorted(p.relative_to(data).as_posix() for p in data.rglob("*") if p.is_file())
-    assert [n for n in names if n not in (".verified.json", ".lock")] in ([], [TAR_PART]), names
+    assert [n for n in names if n not in (".verified.json", LOCK_FILE)] in ([], [TAR_PART]), names
 
 
 TAR_PART = "stl10_binary.tar.gz.part"
 
 
 def test_url_that_404s(
-    baseline: Baseline, server: MisbehavingServer, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    baseline: Baseline,
+    http_server: MisbehavingServer,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     before = snapshot(baseline.out)
-    url = server.url("/missing.tar.gz")
+    url = http_server.url("/missing.tar.gz")
     code, output = run_cli(baseline.args("--source", url, data=tmp_path / "data"), capfd)
     assert_user_error(code, output, f"{url} answered HTTP 404 Not Found; check the URL")
     assert_unchanged(before, baseline.out)
@@ -304,7 +310,7 @@ def _hostile_member(kind: str, outside: Path) -> tarfile.TarInfo:
 @pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink", "hardlink"])
 def test_tarball_with_a_member_escaping_the_cache(
     baseline: Baseline,
-    server: MisbehavingServer,
+    http_server: MisbehavingServer,
     kind: str,
     tmp_path: Path,
     capfd: pytest.CaptureFixture[str],
@@ -321,12 +327,12 @@ def test_tarball_with_a_member_escaping_the_cache(
     hostile = make_tarball(
         {"stl10_binary/unlabeled_X.bin": good}, extra=[_hostile_member(kind, outside)]
     )
-    server.files[TAR] = hostile
+    http_server.files[TAR] = hostile
     sums = tasks.sources.resolve.Checksums(tarball=_md5(hostile), members={"unlabeled_X.bin": None})
     monkeypatch.setattr(tasks.sources.resolve, "OFFICIAL", sums)
     data = tmp_path / "data"
     before = snapshot(baseline.out, outside.parent)
-    code, output = run_cli(baseline.args("--source", server.url(TAR), data=data), capfd)
+    code, output = run_cli(baseline.args("--source", http_server.url(TAR), data=data), capfd)
     assert_user_error(code, output, "and would land outside")
     assert "The tarball is not a genuine STL-10 archive" in output
     assert f"{data / 'stl10_binary.tar.gz'} was deleted" in output
@@ -453,7 +459,8 @@ def test_disk_full_while_writing_outputs(
     )
     err = proc.err()
     assert proc.rc == 1, err[-3000:]
-    assert f"image-search: error: Cannot write {out / 'samples.png'}: File too large" in err
+    # Everything is written into the staging folder first; the outputs in place stay as they are.
+    assert f"image-search: error: Cannot write {out / '.staging' / 'samples.png'}: File too" in err
     assert "free space on that disk" in err and "Traceback" not in err
     state = latest_flow_run().state
     assert state.is_failed() and "File too large" in (state.message or "")

@@ -12,8 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
+from tasks.storage import TEMP_PREFIX
 from tests.conftest import make_fake_stl10
-from tests.reliability.conftest import MisbehavingServer, Proc, Runner, wait_until
+from tests.http_server import MisbehavingServer
+from tests.reliability.conftest import Proc, Runner, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -47,16 +49,16 @@ def finished(proc: Proc, timeout: float = 240) -> str:
 
 
 def test_kill_during_download_and_extraction_then_network_drop(
-    runner: Runner, server: MisbehavingServer, tmp_path: Path
+    runner: Runner, http_server: MisbehavingServer, tmp_path: Path
 ) -> None:
     fake = make_fake_stl10(n=300)  # 8.3 MB, incompressible
     size = len(fake.tarball)
-    server.files[TAR] = fake.tarball
-    server.rate = 2 << 20  # 2 MiB/s: a download takes about four seconds
+    http_server.files[TAR] = fake.tarball
+    http_server.rate = 2 << 20  # 2 MiB/s: a download takes about four seconds
     data, out = tmp_path / "data", tmp_path / "out"
     part, tarball = data / "stl10_binary.tar.gz.part", data / "stl10_binary.tar.gz"
     hooks = checksums_hook(fake.tarball, fake.unlabeled)
-    args = ["--source", server.url(TAR), "--out", str(out), *SMALL_RUN]
+    args = ["--source", http_server.url(TAR), "--out", str(out), *SMALL_RUN]
 
     # 1. kill -9 while the tarball streams in.
     first = runner.start(*args, data=data, hooks=hooks)
@@ -68,29 +70,30 @@ def test_kill_during_download_and_extraction_then_network_drop(
 
     # 2. The rerun resumes with Range; the network drops once and comes back; then kill -9
     #    while unlabeled_X.bin is being extracted.
-    server.rate = 0
-    server.cut_once[TAR] = [1 << 20]
-    n_requests = len(server.requests)
+    http_server.rate = 0
+    http_server.cut_once[TAR] = [1 << 20]
+    n_requests = len(http_server.requests)
     pause = tmp_path / "paused"
     hooks2 = {**hooks, "RELIABILITY_PAUSE": "extract:2", "RELIABILITY_PAUSE_FILE": str(pause)}
     second = runner.start(*args, data=data, hooks=hooks2)
     wait_until(pause.exists, "extraction under way", second)
-    assert server.ranges(TAR)[n_requests:] == [f"bytes={kept}-", f"bytes={kept + (1 << 20)}-"]
-    assert "retrying in" in second.err()  # the drop was retried with backoff, not fatal
+    assert http_server.ranges(TAR)[n_requests:] == [f"bytes={kept}-", f"bytes={kept + (1 << 20)}-"]
+    # The drop was not fatal: the task's next try resumed (the Range requests above) and the
+    # run went on to extract.
     assert tarball.read_bytes() == fake.tarball  # verified, then moved into place
-    orphans = list((data / "stl10_binary").glob(".unlabeled_X.bin.*.tmp"))
+    orphans = list((data / "stl10_binary").glob(f"{TEMP_PREFIX}unlabeled_X.bin*"))
     assert len(orphans) == 1 and not (data / "stl10_binary" / "unlabeled_X.bin").exists()
     second.kill()
     assert orphans[0].exists()  # what a kill -9 leaves behind
 
     # 3. The next run extracts from the verified tarball (no network) and finishes.
-    n_requests = len(server.requests)
+    n_requests = len(http_server.requests)
     err = finished(runner.start(*args, data=data, hooks=hooks))
-    assert len(server.requests) == n_requests
+    assert len(http_server.requests) == n_requests
     assert (data / "stl10_binary" / "unlabeled_X.bin").read_bytes() == fake.unlabeled
     assert not orphans[0].exists() and not part.exists()
     assert f"removed {orphans[0]}" in err
-    assert server.sent[TAR] < size + (2 << 20)  # never downloaded again from zero
+    assert http_server.sent[TAR] < size + (2 << 20)  # never downloaded again from zero
     assert json.loads((out / "compare.json").read_text())["passed"] is True
 
 
@@ -117,7 +120,8 @@ def test_kill_during_embedding_merge_and_search_resumes_from_shared_storage(
     finished(reference)
     assert embedded(ref_count) == 120
 
-    index_parts = lambda: list(out.glob("features/.index.parts-*/part-*.parquet"))  # noqa: E731
+    staged = out / ".staging" / "features"  # where a run's new features wait for the switch
+    index_parts = lambda: list(staged.glob(".index.parts-*/part-*.parquet"))  # noqa: E731
 
     # Evicted mid-batch in the second part file of the index.
     first, count = run(out, "first", pause="forward:5")
@@ -132,14 +136,15 @@ def test_kill_during_embedding_merge_and_search_resumes_from_shared_storage(
     second.kill()
     assert embedded(count) == 108 - 30  # the finished part was reused
     assert len(index_parts()) == 4 and not (out / "features" / "index.parquet").exists()
-    assert list((out / "features").glob(".index.parquet.*.tmp"))  # the torn merge, aside
+    assert list(staged.glob(f"{TEMP_PREFIX}index.parquet.*"))  # the torn merge, aside
 
     # Evicted during the search.
     third, count = run(out, "third", pause="search:2")
     wait_until((tmp_path / "third").exists, "the search", third)
     third.kill()
     assert embedded(count) == 12  # the index parts were merged, not embedded again
-    assert (out / "features" / "index.parquet").exists() and not index_parts()
+    assert (staged / "index.parquet").exists() and not index_parts()
+    assert not (out / "features" / "index.parquet").exists()  # not in place before the end
     assert not (out / "neighbors.parquet").exists()
 
     # The last rerun embeds nothing and ends where the uninterrupted run ended.
@@ -154,22 +159,22 @@ def test_kill_during_embedding_merge_and_search_resumes_from_shared_storage(
 
 
 def test_two_runs_on_one_data_cache_download_once(
-    runner: Runner, server: MisbehavingServer, tmp_path: Path
+    runner: Runner, http_server: MisbehavingServer, tmp_path: Path
 ) -> None:
     fake = make_fake_stl10(n=150)  # 4.1 MB at 700 KiB/s: about six seconds
-    server.files[TAR] = fake.tarball
-    server.rate = 700 << 10
+    http_server.files[TAR] = fake.tarball
+    http_server.rate = 700 << 10
     data = tmp_path / "data"
     hooks = checksums_hook(fake.tarball, fake.unlabeled)
     procs = [
         runner.start(
-            "--source", server.url(TAR), "--out", str(tmp_path / f"out{i}"), *SMALL_RUN,
+            "--source", http_server.url(TAR), "--out", str(tmp_path / f"out{i}"), *SMALL_RUN,
             data=data, hooks=hooks,
         )
         for i in range(2)
     ]  # fmt: skip
     errs = [finished(p) for p in procs]
-    assert server.ranges(TAR) == [None]  # one download, not two racing each other
+    assert http_server.ranges(TAR) == [None]  # one download, not two racing each other
     assert sum(f"another run is using the data cache {data}" in e for e in errs) == 1
     assert (data / "stl10_binary" / "unlabeled_X.bin").read_bytes() == fake.unlabeled
     a, b = (tmp_path / f"out{i}" / "features" / "index.parquet" for i in range(2))
@@ -216,7 +221,7 @@ def test_orphaned_temporary_files_are_cleared_on_the_next_run(
     out = tmp_path / "out"
     args = ["run", "--source", "sample", *SMALL_RUN, "--out", str(out)]
     assert main([*args, "--data-dir", str(tmp_path / "data")]) == 0
-    orphan = out / "features" / ".index.parquet.k1ll3d.tmp"  # as atomic_path names them
+    orphan = out / "features" / f"{TEMP_PREFIX}index.parquet.k1ll3d"  # as atomic_path names them
     shutil.copy(out / "features" / "index.parquet", orphan)
     assert main([*args, "--data-dir", str(tmp_path / "data")]) == 0
     assert not orphan.exists()

@@ -14,7 +14,8 @@ import tomllib
 from tasks.sources.resolve import download_and_extract
 from tasks.sources.stl10 import Checksums
 from tests.conftest import make_fake_stl10
-from tests.reliability.conftest import REPO, MisbehavingServer
+from tests.http_server import MisbehavingServer
+from tests.reliability.conftest import REPO
 
 TOKEN_PATTERNS = {
     "AWS access key id": r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",
@@ -88,8 +89,8 @@ def test_container_runs_as_a_non_root_user() -> None:
 PUBLIC_HOSTS = {".".join("0000"), ":" * 2}  # spelled so that this file does not match itself
 
 
-def test_test_servers_listen_on_loopback_only(server: MisbehavingServer) -> None:
-    assert server.address[0] == "127.0.0.1"
+def test_test_servers_listen_on_loopback_only(http_server: MisbehavingServer) -> None:
+    assert http_server.address[0] == "127.0.0.1"
     for path in (REPO / "tests").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
