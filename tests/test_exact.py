@@ -1,4 +1,4 @@
-"""tasks.search.exact against a float64 NumPy brute force: distances, positions, ties, validation."""
+"""tasks.search.exact against a float64 NumPy brute force: distances, positions, ties, checks."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.sources.stl10 import read_all_images
 from tasks.sources.sample import SAMPLE_IMAGES, ensure_sample, make_sample_images
+from tasks.sources.stl10 import read_all_images
 
 
 def test_sample_is_deterministic_and_decodes(tmp_path: Path) -> None:

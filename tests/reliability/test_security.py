@@ -6,10 +6,10 @@ from __future__ import annotations
 import ast
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from tasks.sources.resolve import download_and_extract
 from tasks.sources.stl10 import Checksums
