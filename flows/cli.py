@@ -1,6 +1,12 @@
-"""``image-search run``: every flow parameter as an option, run on Prefect locally.
+"""``image-search run``: every flow parameter as an option, run on Prefect from this machine.
 
-Without ``PREFECT_API_URL`` Prefect starts a temporary local API server for the run.
+The options are generated from :class:`~flows.params.SearchParams` by pydantic-settings'
+command-line source, so names, bounds, defaults and help are those of the flow's form in the
+Prefect UI, and values are checked by the same pydantic types.
+
+Exit status: 0 done; 1 a problem the user can fix (the message names the fix); 2 bad
+parameters (nothing ran); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). No traceback
+unless ``--traceback``.
 """
 
 from __future__ import annotations
@@ -8,163 +14,287 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
-import types
-import typing
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    CliApp,
+    CliSettingsSource,
+    CliSubCommand,
+    CliToggleFlag,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
-from flows.params import BACKEND_NAMES, SearchParams
+import tasks
+from flows.local_api import TemporaryApi, check_api, startup_timeout
+from flows.params import SearchParams, cli_names, format_validation_error
 from tasks.errors import ImageSearchError
 
-
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _converter(annotation: Any) -> tuple[Any, str]:
-    """argparse type and metavar for a field annotation."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType) and len(args) == 1:
-        return _converter(args[0])
-    if origin is list:
-        return (lambda text: [t.strip() for t in text.split(",") if t.strip()]), "A,B"
-    if annotation is int:
-        return int, "N"
-    if annotation is float:
-        return float, "X"
-    return str, "TEXT"
+PROG = "image-search"
+EXIT_USER_ERROR = 1
+EXIT_BAD_PARAMETERS = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
+RESUME_HINT = "run the same command again to resume where it stopped"
+EXTRA_LOGGERS = "PREFECT_LOGGING_EXTRA_LOGGERS"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``image-search`` parser; options mirror :class:`SearchParams` one to one."""
-    parser = argparse.ArgumentParser(
-        prog="image-search",
-        description="Image-similarity search: STL-10 -> ResNet50 -> exact KNN on GPU and CPU.",
+class RunCommand(SearchParams):
+    """Run the image-search flow; outputs land in --out."""
+
+    traceback: CliToggleFlag[bool] = Field(
+        False, description="Show the full traceback of an unexpected error."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser(
-        "run",
-        help="run the image-search flow locally",
-        description="Run the image-search flow; outputs land in --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+
+
+class _Commands(BaseSettings):
+    """Image-similarity search: STL-10 -> ResNet50 -> exact KNN on GPU and CPU."""
+
+    model_config = SettingsConfigDict(
+        cli_prog_name=PROG,
+        cli_kebab_case=True,
+        # Optional parameters read 'none' themselves (flows.params); pydantic-settings' own
+        # word for None applies to every option, so it must not be one: `--weights none`.
+        cli_parse_none_str="null",
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+        cli_implicit_flags="toggle",
+        case_sensitive=True,
     )
-    for name, field in SearchParams.model_fields.items():
-        conv, metavar = _converter(field.annotation)
-        help_text = field.description or ""
-        if name == "backends":
-            help_text += f" Comma-separated, from: {', '.join(BACKEND_NAMES)}."
-        if name in ("limit", "data_dir", "gpu_memory_fraction", "backends"):
-            help_text += " 'none' or empty: the default."
-            conv = _optional(conv)
-        run.add_argument(
-            _option(name),
-            dest=name,
-            type=_typed(conv, name),
-            metavar=metavar,
-            default=argparse.SUPPRESS,
-            help=f"{help_text} (default: {field.default!r})",
-        )
-    run.add_argument(
-        "--traceback", action="store_true", help="show the full traceback of an unexpected error"
+
+    run: CliSubCommand[RunCommand]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Options only: an environment variable that happens to be called `k` or `out` must not
+        # change a run.
+        return (init_settings,)
+
+
+def _long_options(parser: Any, *names: str, **kwargs: Any) -> Any:
+    """Add an option, long as documented: pydantic-settings gives one-letter fields (``k``) a
+    single dash."""
+    names = tuple("-" + n if len(n) == 2 and n[0] == "-" and n != "-h" else n for n in names)
+    return parser.add_argument(*names, **kwargs)
+
+
+def parse(argv: Sequence[str]) -> RunCommand:
+    """The ``run`` command's options, validated.
+
+    Raises SystemExit (0 after ``--help``, 2 for a malformed command line, with argparse's
+    usage) or ValidationError (a value out of bounds).
+    """
+    source: CliSettingsSource[argparse.ArgumentParser] = CliSettingsSource(
+        _Commands, add_argument_method=_long_options
     )
-    return parser
+    commands = CliApp.run(_Commands, cli_args=list(argv), cli_settings_source=source)
+    if commands.run is None:
+        source.root_parser.error("choose a command: run (see image-search run --help)")
+        raise SystemExit(EXIT_BAD_PARAMETERS)  # not reached: error() exits
+    return commands.run
 
 
-def _optional(conv: Any) -> Any:
-    def parse(text: str) -> Any:
-        return None if text.strip().lower() in ("", "none") else conv(text)
-
-    return parse
+class Terminated(BaseException):
+    """SIGTERM arrived (Kubernetes, systemd, kill): stop like Ctrl-C does."""
 
 
-def _typed(conv: Any, name: str) -> Any:
-    def parse(text: str) -> Any:
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough; clean up undisturbed
+    raise Terminated
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` in the main thread (Prefect re-delivers it here
+    after recording the run as crashed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _run_environment() -> Iterator[None]:
+    """Before Prefect is imported: ship the pure functions' log lines (``tasks.*``) to the
+    API with Prefect's own, and keep TensorFlow's C++ start-up chatter off the console."""
+    saved = {name: os.environ.get(name) for name in (EXTRA_LOGGERS, "TF_CPP_MIN_LOG_LEVEL")}
+    names = [n.strip() for n in os.environ.get(EXTRA_LOGGERS, "").split(",") if n.strip()]
+    if tasks.__name__ not in names:
+        os.environ[EXTRA_LOGGERS] = ",".join([*names, tasks.__name__])
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def _prefect_api() -> Iterator[TemporaryApi | None]:
+    """The configured Prefect API, checked; else a temporary one started for this run.
+
+    Yields the temporary server (still starting: call ``wait_ready``) or None. On the way out
+    the run's last logs and events reach the server before it stops.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    configured = PREFECT_API_URL.value()
+    if configured:
+        check_api(configured)
+        yield None
+        return
+    print(
+        f"{PROG}: starting a temporary Prefect API for this run "
+        f"(set PREFECT_API_URL to use a running server)",
+        file=sys.stderr,
+    )
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    api = TemporaryApi(startup_timeout())
+    api.start()
+    try:
+        yield api
+    finally:
+        _drain_to_api()
+        api.stop()
+        _use_api(None)
+
+
+def _use_api(url: str | None) -> None:
+    """Point every Prefect client of this process at ``url`` (None: back to unset)."""
+    from prefect.context import refresh_global_settings_context
+
+    if url is None:
+        os.environ.pop("PREFECT_API_URL", None)
+    else:
+        os.environ["PREFECT_API_URL"] = url
+    refresh_global_settings_context()
+
+
+def _drain_to_api(timeout: float = 10.0) -> None:
+    """Send the logs and events still queued, so the run's record is complete."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
         try:
-            return conv(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a valid value for {_option(name)}"
-            ) from None
-
-    parse.__name__ = name  # argparse names the type in its messages
-    return parse
+            worker.drain_all(timeout=timeout, at_exit=False)
+        except Exception:  # a worker that never started, or a server already gone
+            logging.getLogger(__name__).debug("draining %s failed", worker, exc_info=True)
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per bad parameter, naming the option, the value and what is allowed."""
-    lines = []
-    for err in exc.errors():
-        loc = err["loc"][0] if err["loc"] else ""
-        value = err.get("input")
-        lines.append(f"{_option(str(loc))} = {value!r}: {err['msg']}")
-    return "invalid parameters:\n  " + "\n  ".join(lines)
-
-
-class _UserErrorWithoutTraceback(logging.Filter):
-    """Console logs show a user-fixable error as its message alone, not as a traceback."""
+class _NoTraceback(logging.Filter):
+    """Console output shows messages, not tracebacks (``--traceback`` shows them)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], ImageSearchError):
-            record.exc_info = None
-            record.exc_text = None
+        record.exc_info = None
+        record.exc_text = None
         return True
 
 
 def _quiet_console_tracebacks() -> None:
-    """Attach the filter to every console handler Prefect configured."""
+    """Attach :class:`_NoTraceback` to every console handler Prefect configured.
+
+    Handlers sending to the API keep tracebacks of real bugs: they format a record before
+    it reaches the console, which is further up the logger tree.
+    """
     loggers = [logging.getLogger(), *map(logging.getLogger, list(logging.root.manager.loggerDict))]
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):
             if isinstance(handler, logging.StreamHandler) and not any(
-                isinstance(f, _UserErrorWithoutTraceback) for f in handler.filters
+                isinstance(f, _NoTraceback) for f in handler.filters
             ):
-                handler.addFilter(_UserErrorWithoutTraceback())
+                handler.addFilter(_NoTraceback())
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def _run(params: SearchParams, show_traceback: bool) -> int:
+    """Run the flow on a Prefect API; the exit status."""
+    from prefect.exceptions import TerminationSignal
+
+    try:
+        with _prefect_api() as api:
+            # TensorFlow and Prefect load while a temporary API starts.
+            from flows.image_search import image_search
+
+            if api is not None:
+                api.wait_ready()
+                _use_api(api.url)
+            if not show_traceback:
+                _quiet_console_tracebacks()
+            state = image_search(**params.model_dump(), return_state=True)
+            outcome = state.result(raise_on_failure=False)
+    except TerminationSignal as exc:
+        raise Terminated from exc
+    except ImageSearchError as exc:
+        _error(str(exc))
+        return EXIT_USER_ERROR
+    if isinstance(outcome, ImageSearchError):
+        _error(str(outcome))
+        return EXIT_USER_ERROR
+    if isinstance(outcome, BaseException):
+        raise outcome
+    if not state.is_completed() or not isinstance(outcome, dict):
+        _error(f"the run ended {state.name}: {state.message}")
+        return EXIT_USER_ERROR
+    print(f"\n{PROG} finished. Outputs:")
+    for name, path in outcome.items():
+        print(f"  {name:<10} {path}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``image-search`` console script; returns the exit code."""
-    parser = build_parser()
-    ns = vars(parser.parse_args(argv))
-    ns.pop("command")
-    show_traceback = ns.pop("traceback", False)
+    """Entry point of the ``image-search`` console script; returns the exit status."""
     try:
-        params = SearchParams(**ns)
+        command = parse(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # --help, or a command line argparse could not read
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_PARAMETERS
     except ValidationError as exc:
-        print(f"image-search: error: {format_validation_error(exc)}", file=sys.stderr)
-        return 2
-    if not os.environ.get("PREFECT_API_URL"):
-        # The temporary local server need not report usage; a user's setting still wins.
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from flows.image_search import image_search
-
-    if not show_traceback:
-        _quiet_console_tracebacks()
-    try:
-        outputs = image_search(params)
-    except ImageSearchError as exc:
-        print(f"image-search: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("image-search: interrupted; run again to resume where it stopped", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if show_traceback:
-            raise
-        print(
-            f"image-search: unexpected {type(exc).__name__}: {exc}\n"
-            f"(run again with --traceback for the details)",
-            file=sys.stderr,
-        )
-        return 1
-    print("\nimage-search finished. Outputs:")
-    for name, path in outputs.items():
-        print(f"  {name:<10} {path}")
-    return 0
+        with cli_names():
+            _error(format_validation_error(exc))
+        return EXIT_BAD_PARAMETERS
+    params = SearchParams(**command.model_dump(exclude={"traceback"}))
+    with cli_names(), _run_environment(), _stop_on_sigterm():
+        try:
+            return _run(params, command.traceback)
+        except KeyboardInterrupt:
+            _error(f"interrupted; {RESUME_HINT}.")
+            return EXIT_INTERRUPTED
+        except Terminated:
+            _error(f"terminated; {RESUME_HINT}.")
+            return EXIT_TERMINATED
+        except Exception as exc:
+            if command.traceback:
+                raise
+            _error(
+                f"unexpected {type(exc).__name__}: {exc}\n"
+                f"(run again with --traceback for the details)"
+            )
+            return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

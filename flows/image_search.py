@@ -8,8 +8,29 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
+from prefect.states import State
+from pydantic import ValidationError
 
-from flows.params import SearchParams
+from flows.params import (
+    DEFAULTS,
+    Backends,
+    BatchSize,
+    DataDir,
+    GpuMemoryFraction,
+    K,
+    Limit,
+    NResults,
+    NShow,
+    Out,
+    Precision,
+    SearchParams,
+    Seed,
+    Source,
+    SplitRatio,
+    Tolerance,
+    Weights,
+)
+from flows.reporting import failed, quiet_user_errors, separate_folders, show_task_logs
 from tasks.compare import COMPARE_FILE, NEIGHBORS_FILE, compare, stages_of
 from tasks.errors import ImageSearchError
 from tasks.features.embed import FEATURES_DIR, embed
@@ -25,11 +46,57 @@ from tasks.storage import RunFolder, ensure_writable_dir, folder_lock
 
 
 @flow(name="image-search", log_prints=True)
-def image_search(params: SearchParams = SearchParams()) -> dict[str, str]:  # noqa: B008
+def image_search(
+    source: Source = DEFAULTS.source,
+    out: Out = DEFAULTS.out,
+    data_dir: DataDir = DEFAULTS.data_dir,
+    limit: Limit = DEFAULTS.limit,
+    seed: Seed = DEFAULTS.seed,
+    split_ratio: SplitRatio = DEFAULTS.split_ratio,
+    n_show: NShow = DEFAULTS.n_show,
+    weights: Weights = DEFAULTS.weights,
+    batch_size: BatchSize = DEFAULTS.batch_size,
+    precision: Precision = DEFAULTS.precision,
+    gpu_memory_fraction: GpuMemoryFraction = DEFAULTS.gpu_memory_fraction,
+    backends: Backends = DEFAULTS.backends,
+    k: K = DEFAULTS.k,
+    tolerance: Tolerance = DEFAULTS.tolerance,
+    n_results: NResults = DEFAULTS.n_results,
+) -> dict[str, str] | State:
     """Embed STL-10 images with ResNet50, search neighbours on GPU and CPU, prove they agree.
 
-    Returns the paths of the outputs, keyed by name.
+    Every parameter is its own typed field (bounds and descriptions from ``flows.params``), so
+    a deployment run overrides one and keeps the rest. Returns the paths of the outputs, keyed
+    by name; a problem the user can fix ends the run Failed with its message alone.
     """
+    quiet_user_errors()
+    show_task_logs()
+    try:
+        params = SearchParams(
+            source=source,
+            out=out,
+            data_dir=data_dir,
+            limit=limit,
+            seed=seed,
+            split_ratio=split_ratio,
+            n_show=n_show,
+            weights=weights,
+            batch_size=batch_size,
+            precision=precision,
+            gpu_memory_fraction=gpu_memory_fraction,
+            backends=backends,
+            k=k,
+            tolerance=tolerance,
+            n_results=n_results,
+        )
+        separate_folders(params)
+        return _search(params)
+    except (ImageSearchError, ValidationError) as exc:
+        return failed(exc)
+
+
+def _search(params: SearchParams) -> dict[str, str]:
+    """The stages of one run, wired; returns the paths of the outputs, keyed by name."""
     out_dir = ensure_writable_dir(Path(params.out).expanduser().resolve(), "Output folder")
     out = str(out_dir)
     run = RunFolder(out_dir)

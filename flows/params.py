@@ -1,119 +1,252 @@
-"""The flow's parameters: one pydantic model, which is also the form of the Prefect UI and the
-options of the ``image-search run`` command."""
+"""The flow's parameters, declared once.
+
+Each parameter is an ``Annotated`` type carrying its bounds and description. The flow's flat
+signature (the Prefect UI form and a deployment's per-run ``--param``), the :class:`SearchParams`
+model and the ``image-search run`` options all use these types, so they cannot drift apart.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks.search.backends import BACKEND_NAMES, BackendName
 from tasks.sources.stl10 import OFFICIAL_URL
 
-__all__ = ["BACKEND_NAMES", "OFFICIAL_URL", "BackendName", "SearchParams"]
+__all__ = [
+    "BACKEND_NAMES",
+    "DEFAULTS",
+    "OFFICIAL_URL",
+    "BackendName",
+    "SearchParams",
+    "cli_names",
+    "for_reader",
+    "format_validation_error",
+    "option",
+    "overlap_message",
+]
+
+
+def _param(description: str, **bounds: Any) -> Any:
+    """The ``Field`` of one parameter type: bounds plus a description.
+
+    Prefect's flow schema passes ``description=None`` over the annotation's own ``Field`` but
+    merges ``json_schema_extra``, so the description travels there as well.
+    """
+    return Field(description=description, json_schema_extra={"description": description}, **bounds)
+
+
+def _none_word(value: Any) -> Any:
+    """'none' or empty, as typed on a command line, means None (the default) for an optional
+    parameter; also as the only item of a list."""
+    if isinstance(value, str) and value.strip().lower() in ("", "none"):
+        return None
+    if isinstance(value, list) and len(value) == 1 and _none_word(value[0]) is None:
+        return None
+    return value
+
+
+NoneWord = BeforeValidator(_none_word)
+
+Source = Annotated[
+    str,
+    _param(
+        "Where the images come from: the official STL-10 URL (default), any http(s):// or "
+        "file:// mirror of stl10_binary.tar.gz, a local tarball, a folder holding "
+        "unlabeled_X.bin, or 'sample' for the built-in offline sample.",
+        min_length=1,
+    ),
+]
+Out = Annotated[
+    str,
+    _param(
+        "Output folder: samples.png, split.parquet, features/, neighbors.parquet, "
+        "compare.json, results.png. Must outlive the run (a shared volume in Kubernetes).",
+        min_length=1,
+    ),
+]
+DataDir = Annotated[
+    str | None,
+    _param(
+        "Data cache for downloaded and extracted files, apart from the output folder; "
+        "none: $IMAGE_SEARCH_DATA, else the per-user cache folder."
+    ),
+    NoneWord,
+]
+Limit = Annotated[
+    int | None, _param("Use only the first N images (none: all of them).", ge=1), NoneWord
+]
+Seed = Annotated[int, _param("Seed of the index/query split and the picture grids.", ge=0)]
+SplitRatio = Annotated[
+    float, _param("Fraction of the images that form the index; the rest query it.", gt=0, lt=1)
+]
+NShow = Annotated[int, _param("How many random images samples.png shows.", ge=1, le=256)]
+Weights = Annotated[
+    str,
+    _param(
+        "ResNet50 weights: 'imagenet' (Keras cache), a path to a .h5/.weights.h5 file, or "
+        "'none' for random initialisation (features are then meaningless; reports say so).",
+        min_length=1,
+    ),
+]
+BatchSize = Annotated[
+    int,
+    _param("Images per forward pass of the embedding model (128: fastest on CPU).", ge=1, le=4096),
+]
+Precision = Annotated[
+    Literal["float32", "bfloat16"],
+    _param(
+        "Arithmetic of the embedding model. 'bfloat16' is an opt-in speed-up on CPUs with "
+        "AVX-512 BF16 and on recent GPUs; features differ slightly from float32 ones."
+    ),
+]
+GpuMemoryFraction = Annotated[
+    float | None,
+    _param(
+        "TensorFlow's share of GPU memory (e.g. 0.3 leaves room for cuML on the same GPU); "
+        "none: grow on demand.",
+        gt=0,
+        le=1,
+    ),
+    NoneWord,
+]
+Backends = Annotated[
+    list[BackendName] | None,
+    _param(
+        "KNN backends to run (on the command line comma-separated); 'sklearn' is always added "
+        "as the reference. None: cuml on a GPU machine, faiss where no GPU is available."
+    ),
+    NoneWord,
+]
+K = Annotated[int, _param("Neighbours per query.", ge=1, le=1000)]
+Tolerance = Annotated[
+    float, _param("Largest absolute distance deviation from scikit-learn that still passes.", gt=0)
+]
+NResults = Annotated[
+    int, _param("How many random queries results.png shows with their neighbours.", ge=1, le=20)
+]
 
 
 class SearchParams(BaseModel):
-    """Everything a run of ``image-search`` can be told."""
+    """Everything a run of ``image-search`` can be told, checked as a whole."""
 
     model_config = ConfigDict(extra="forbid", title="image-search parameters")
 
-    source: str = Field(
-        OFFICIAL_URL,
-        description=(
-            "Where the images come from: the official STL-10 URL (default), any http(s):// or "
-            "file:// mirror of stl10_binary.tar.gz, a local tarball, a folder holding "
-            "unlabeled_X.bin, or 'sample' for the built-in offline sample."
-        ),
-        min_length=1,
-    )
-    out: str = Field(
-        "image-search-out",
-        description=(
-            "Output folder: samples.png, split.parquet, features/, neighbors.parquet, "
-            "compare.json, results.png. Must outlive the run (a shared volume in Kubernetes)."
-        ),
-        min_length=1,
-    )
-    data_dir: str | None = Field(
-        None,
-        description=(
-            "Data cache for downloaded and extracted files; default: $IMAGE_SEARCH_DATA, "
-            "else the per-user cache folder."
-        ),
-    )
-    limit: int | None = Field(
-        None, ge=1, description="Use only the first N images (empty: all of them)."
-    )
-    seed: int = Field(0, ge=0, description="Seed of the index/query split and the picture grids.")
-    split_ratio: float = Field(
-        0.9,
-        gt=0.0,
-        lt=1.0,
-        description="Fraction of the images that form the index; the rest query it.",
-    )
-    n_show: int = Field(32, ge=1, le=256, description="How many random images samples.png shows.")
-    weights: str = Field(
-        "imagenet",
-        description=(
-            "ResNet50 weights: 'imagenet' (Keras cache), a path to a .h5/.weights.h5 file, or "
-            "'none' for random initialisation (features are then meaningless; reports say so)."
-        ),
-        min_length=1,
-    )
-    batch_size: int = Field(
-        128,
-        ge=1,
-        le=4096,
-        description="Images per forward pass of the embedding model (128: fastest on CPU).",
-    )
-    precision: Literal["float32", "bfloat16"] = Field(
-        "float32",
-        description=(
-            "Arithmetic of the embedding model. 'bfloat16' is an opt-in speed-up on CPUs with "
-            "AVX-512 BF16 and on recent GPUs; features differ slightly from float32 ones."
-        ),
-    )
-    gpu_memory_fraction: float | None = Field(
-        None,
-        gt=0.0,
-        le=1.0,
-        description=(
-            "TensorFlow's share of GPU memory (e.g. 0.3 leaves room for cuML on the same GPU); "
-            "empty: grow on demand."
-        ),
-    )
-    backends: list[BackendName] | None = Field(
-        None,
-        description=(
-            "KNN backends to run; 'sklearn' is always added as the reference. Empty: cuml on "
-            "a GPU machine, faiss where no GPU is available."
-        ),
-    )
-    k: int = Field(3, ge=1, le=1000, description="Neighbours per query.")
-    tolerance: float = Field(
-        1.0,
-        gt=0.0,
-        description="Largest absolute distance deviation from scikit-learn that still passes.",
-    )
-    n_results: int = Field(
-        5,
-        ge=1,
-        le=20,
-        description="How many random queries results.png shows with their neighbours.",
-    )
+    source: Source = OFFICIAL_URL
+    out: Out = "image-search-out"
+    data_dir: DataDir = None
+    limit: Limit = None
+    seed: Seed = 0
+    split_ratio: SplitRatio = 0.9
+    n_show: NShow = 32
+    weights: Weights = "imagenet"
+    batch_size: BatchSize = 128
+    precision: Precision = "float32"
+    gpu_memory_fraction: GpuMemoryFraction = None
+    backends: Backends = None
+    k: K = 3
+    tolerance: Tolerance = 1.0
+    n_results: NResults = 5
 
     @field_validator("backends")
     @classmethod
     def _dedupe_backends(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        if not value:
-            return None
-        return list(dict.fromkeys(value))
+        return list(dict.fromkeys(value)) if value else None
 
     @model_validator(mode="after")
-    def _check_weights(self) -> SearchParams:
+    def _check(self) -> SearchParams:
         if self.weights.strip() == "":
-            raise ValueError("weights must be 'imagenet', 'none' or a path to a weights file")
+            raise ValueError("--weights must be 'imagenet', 'none' or a path to a weights file")
+        if self.data_dir is not None and (clash := overlap_message(self.out, self.data_dir)):
+            raise ValueError(clash)
         return self
+
+
+# The defaults of every parameter; the flow's signature reads its defaults from here.
+DEFAULTS = SearchParams()
+
+
+def overlap_message(out: str | Path, data_dir: str | Path) -> str | None:
+    """Why ``out`` and ``data_dir`` cannot be used together, or None when they are apart.
+
+    The output folder and the data cache each take a lock and clean up their own temporary
+    files; one inside the other would make a run wait on itself.
+    """
+    a, b = (Path(p).expanduser().resolve() for p in (out, data_dir))
+    if a == b:
+        how = "is the same folder as"
+    elif b in a.parents:
+        how = "lies inside"
+    elif a in b.parents:
+        how = "holds"
+    else:
+        return None
+    return (
+        f"The output folder {a} (--out) {how} the data cache {b} (--data-dir); "
+        f"choose two separate folders."
+    )
+
+
+def option(name: str) -> str:
+    """The command-line option of parameter ``name``: ``split_ratio`` -> ``--split-ratio``."""
+    return "--" + name.replace("_", "-")
+
+
+# Set by the command line: its users know parameters as options, everyone else as form fields.
+_CLI_NAMES: ContextVar[bool] = ContextVar("image_search_cli_names", default=False)
+_OPTIONS = re.compile(
+    "--("
+    + "|".join(sorted((option(n)[2:] for n in SearchParams.model_fields), key=len)[::-1])
+    # An option ends where a word does: not inside --split-ratios or --out-dir.
+    + r")(?![\w-])"
+)
+
+
+@contextmanager
+def cli_names() -> Iterator[None]:
+    """Within this block, messages name parameters as command-line options (``--k``)."""
+    token = _CLI_NAMES.set(True)
+    try:
+        yield
+    finally:
+        _CLI_NAMES.reset(token)
+
+
+def for_reader(message: str) -> str:
+    """``message``, which names parameters as options (``--split-ratio``), as its reader knows
+    them: unchanged for the command line, form fields (``split_ratio``) for a run from the UI,
+    the API or a deployment."""
+    if _CLI_NAMES.get():
+        return message
+    return _OPTIONS.sub(lambda m: m.group(1).replace("-", "_"), message)
+
+
+def _shown(value: Any) -> str:
+    return shlex.quote(value) if isinstance(value, str) else repr(value)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per bad parameter: its name, the value given and what is allowed."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+        names = [p for p in err["loc"] if isinstance(p, str) and p in SearchParams.model_fields]
+        if names:
+            message = f"{option(names[-1])} = {_shown(err.get('input'))}: {message}"
+        lines.append(message)
+    return for_reader("invalid parameters:\n  " + "\n  ".join(lines))

@@ -1,17 +1,27 @@
-"""The ``image-search`` command: options, clear errors without tracebacks, the main job."""
+"""The ``image-search`` command: options generated from the parameter model, clear errors
+without tracebacks, a configured Prefect API checked before the run, and the main job, whose
+pure functions' log lines reach the API."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from flows.cli import build_parser, main
-from flows.params import SearchParams
+from flows.cli import _run_environment, main, parse
+from flows.local_api import DEFAULT_STARTUP_TIMEOUT, startup_timeout
+from flows.params import SearchParams, option
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(
@@ -22,14 +32,22 @@ def cli(
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd=REPO,
         env={**os.environ, **(env or {})},
     )
 
 
-def test_every_parameter_is_an_option() -> None:
-    help_text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()  # type: ignore[union-attr]
-    for name in SearchParams.model_fields:
-        assert "--" + name.replace("_", "-") in help_text
+def test_help_lists_every_parameter_with_its_description(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: descriptions stay whole
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name, field in SearchParams.model_fields.items():
+        assert f"{option(name)} " in out, name
+        assert field.description and field.description in out, name
+    assert "--traceback" in out
+    assert re.search(r"(?<![-\w])-k\b", out) is None  # every option is long, as documented
 
 
 @pytest.mark.parametrize(
@@ -39,50 +57,189 @@ def test_every_parameter_is_an_option() -> None:
         (["--limit", "0"], "--limit = 0: Input should be greater than or equal to 1"),
         (["--k", "0"], "--k = 0: Input should be greater than or equal to 1"),
         (
-            ["--backends", "annoy"],
-            "--backends = 'annoy': Input should be 'cuml', 'sklearn', 'faiss' or 'numpy'",
+            ["--backends", "faiss,annoy"],
+            "--backends = annoy: Input should be 'cuml', 'sklearn', 'faiss' or 'numpy'",
         ),
-        (["--limit", "many"], "'many' is not a valid value for --limit"),
+        (["--limit", "many"], "--limit = many: Input should be a valid integer"),
+        (["--precision", "fp8"], "--precision = fp8: Input should be 'float32' or 'bfloat16'"),
+        (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+        (["--weights", ""], "--weights = '': String should have at least 1 character"),
     ],
 )
 def test_bad_parameters_exit_2_without_traceback(
     args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    try:
-        code = main(["run", *args])
-    except SystemExit as exc:  # argparse's own type errors
-        code = exc.code
-    assert code == 2
+    assert main(["run", *args]) == 2
     err = capsys.readouterr().err
     assert message in err
+    assert "image-search" in err and "error: " in err
     assert "Traceback" not in err
 
 
-def test_run_bad_source_is_a_clear_error(tmp_path: Path) -> None:
-    proc = cli("run", "--source", "ftp://example.org/x.tar.gz", "--out", str(tmp_path / "o"))
-    assert proc.returncode == 1
-    assert "image-search: error: Unsupported source 'ftp://example.org/x.tar.gz'" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "choose a command: run" in capsys.readouterr().err
 
 
-def test_output_folder_not_writable(tmp_path: Path) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("not a folder")
-    proc = cli("run", "--source", "sample", "--out", str(blocker / "out"))
-    assert proc.returncode == 1
-    assert f"Output folder '{blocker / 'out'}' is not writable" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert blocker.read_text() == "not a folder"
-
-
-def test_main_job_on_sample(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    proc = cli(
-        "run", "--source", "sample", "--weights", "none", "--limit", "200", "--out", str(out)
+def test_overlapping_folders_are_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "x"
+    assert main(["run", "--out", str(out), "--data-dir", str(out / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"image-search: error: invalid parameters:\n  The output folder {out} (--out) holds the "
+        f"data cache {out / 'cache'} (--data-dir); choose two separate folders.\n"
     )
+    assert not out.exists()
+
+
+def test_none_words_and_comma_separated_lists() -> None:
+    command = parse(["run", "--limit", "none", "--backends", "faiss,numpy", "--weights", "none"])
+    assert (command.limit, command.backends, command.weights) == (None, ["faiss", "numpy"], "none")
+    assert parse(["run", "--k", "5", "--k", "7", "--traceback"]).model_dump() == {
+        **SearchParams(k=7).model_dump(),
+        "traceback": True,
+    }
+
+
+def test_environment_variables_named_like_parameters_change_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("k", "out", "limit", "source", "run"):
+        monkeypatch.setenv(name, "9")
+    assert parse(["run"]).model_dump(exclude={"traceback"}) == SearchParams().model_dump()
+
+
+@pytest.mark.parametrize(
+    ("before", "during"),
+    [(None, "tasks"), ("mylib", "mylib,tasks"), ("tasks, mylib", "tasks, mylib")],
+)
+def test_pure_function_loggers_are_added_to_prefects(
+    before: str | None, during: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = "PREFECT_LOGGING_EXTRA_LOGGERS"
+    if before is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, before)
+    with _run_environment():
+        assert os.environ[name] == during
+    assert os.environ.get(name) == before
+
+
+def test_importing_the_command_line_leaves_prefect_unloaded() -> None:
+    """The command line sets Prefect's logging variables before Prefect reads them."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, flows.cli; print(sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    modules = json.loads(done.stdout.replace("'", '"'))
+    assert [m for m in modules if m == "prefect" or m.startswith("prefect.")] == []
+
+
+def test_temporary_api_start_up_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ours unless the user set Prefect's setting; ours is far above Prefect's 20 s, which a
+    first start on a fresh PREFECT_HOME nearly uses up."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as SETTING
+    from prefect.settings import temporary_settings
+
+    monkeypatch.delenv(SETTING.name, raising=False)
+    assert startup_timeout() == DEFAULT_STARTUP_TIMEOUT >= 6 * SETTING.value()
+    with temporary_settings({SETTING: 7}):
+        assert startup_timeout() == 7
+
+
+# -- a configured Prefect API that does not answer -------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def silent_listener() -> Iterator[str]:
+    """An API URL whose listener accepts connections and never answers."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(sock.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+    sock.close()
+    for conn in held:
+        conn.close()
+
+
+@pytest.mark.parametrize("kind", ["nothing-listens", "never-answers"])
+def test_unreachable_api_is_named_with_its_setting(
+    kind: str,
+    silent_listener: str,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    prefect_harness: None,
+) -> None:
+    from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_API_URL, temporary_settings
+
+    url = silent_listener if kind == "never-answers" else f"http://127.0.0.1:{_free_port()}/api"
+    out = tmp_path / "out"
+    started = time.monotonic()
+    with temporary_settings({PREFECT_API_URL: url, PREFECT_API_REQUEST_TIMEOUT: 2}):
+        code = main(["run", "--source", "sample", "--out", str(out)])
+    elapsed = time.monotonic() - started
+    err = capfd.readouterr().err
+    assert code == 1, err
+    assert elapsed < 10, elapsed
+    if kind == "never-answers":
+        assert f"The Prefect API at {url} (PREFECT_API_URL) did not answer within 2 s" in err
+    else:
+        assert f"Cannot reach the Prefect API at {url} (PREFECT_API_URL): " in err
+    assert "point PREFECT_API_URL at a running one, or unset it" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+# -- the main job, with the pure functions' logs in the API ----------------------------------
+
+
+def test_main_job_on_sample_and_its_logs_in_the_api(tmp_path: Path, prefect_harness: None) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL
+
+    out = tmp_path / "out"
+    env = {"PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_LOGGING_LEVEL": "INFO"}
+    env.pop("PREFECT_LOGGING_EXTRA_LOGGERS", None)
+    args = ["--source", "sample", "--weights", "none", "--limit", "210", "--out", str(out)]
+    proc = cli("run", *args, "--backends", "numpy", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "image-search finished. Outputs:" in proc.stdout
     assert f"results    {out / 'results.png'}" in proc.stdout
     compare = json.loads((out / "compare.json").read_text())
     assert compare["passed"] is True
     assert (out / "samples.png").stat().st_size > 10_000
+    assert "Traceback" not in proc.stderr
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=20)
+        (run,) = [r for r in runs if r.parameters.get("out") == str(out)]
+        assert run.state is not None and run.state.is_completed()
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    # A line a pure function logged through its module logger, not through Prefect's.
+    embedded = [log for log in logs if log.message.startswith("embedded 210 images in ")]
+    assert [log.name for log in embedded] == ["tasks.features.embed"], [
+        (log.name, log.message) for log in logs
+    ]
+    assert embedded[0].task_run_id is not None  # attached to the embed task's run

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pyarrow.parquet as pq
 import pytest
 
 from flows.image_search import image_search
-from flows.params import SearchParams
-from tasks.common import ImageSearchError
+from flows.params import DEFAULTS, SearchParams, cli_names
+from tasks.errors import ImageSearchError
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -40,7 +43,7 @@ def test_flow_on_sample_end_to_end_and_rerun_is_free(tmp_path: Path) -> None:
     params = SearchParams(
         source="sample", weights="none", limit=300, out=str(tmp_path / "out"), batch_size=32
     )
-    state = image_search(params, return_state=True)
+    state = image_search(**params.model_dump(), return_state=True)
     assert state.is_completed(), state.message
     outputs = state.result()
     out = tmp_path / "out"
@@ -65,7 +68,7 @@ def test_flow_on_sample_end_to_end_and_rerun_is_free(tmp_path: Path) -> None:
     }
     # A second run with the same inputs rewrites nothing, yet shows the same artifacts.
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    again = image_search(params, return_state=True)
+    again = image_search(**params.model_dump(), return_state=True)
     assert again.is_completed()
     assert [p.name for p, t in stamps.items() if p.stat().st_mtime_ns != t] == []
     assert {p for p in out.rglob("*") if p.is_file()} == set(stamps)
@@ -74,20 +77,99 @@ def test_flow_on_sample_end_to_end_and_rerun_is_free(tmp_path: Path) -> None:
     )
 
 
+def flow_run_logs(flow_run_id: UUID, until: str = "Finished in state") -> list[Any]:
+    """The run's logs (its tasks' included) as the UI reads them, once ``until`` arrived."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+            )
+            if any(until in log.message for log in logs) or time.monotonic() > deadline:
+                return logs
+            time.sleep(0.2)
+
+
 def test_flow_fails_early_with_clear_message_for_k(tmp_path: Path) -> None:
-    params = SearchParams(source="sample", weights="none", limit=20, k=19, out=str(tmp_path / "o"))
-    state = image_search(params, return_state=True)
+    state = image_search(
+        source="sample", weights="none", limit=20, k=19, out=str(tmp_path / "o"), return_state=True
+    )
     assert state.is_failed()
     with pytest.raises(ImageSearchError, match="Expected k <= n_index, but n_index = 18, k = 19"):
         state.result()
     assert not (tmp_path / "o" / "features").exists()  # nothing expensive ran
 
 
-def test_parameter_schema_describes_every_field() -> None:
+def test_user_error_ends_the_run_failed_with_the_message_alone(tmp_path: Path) -> None:
+    """A run from the UI or a deployment: the state message is the error itself, naming the
+    form's fields, and the run's log holds no traceback."""
+    missing = tmp_path / "missing"
+    state = image_search(source=str(missing), out=str(tmp_path / "o"), return_state=True)
+    assert state.is_failed()
+    assert state.message is not None
+    assert state.message.startswith(f"Source '{missing}' is neither a URL")
+    assert state.message.endswith(", or source sample.")
+    logs = flow_run_logs(state.state_details.flow_run_id)
+    assert any(state.message in log.message for log in logs), [log.message for log in logs]
+    tracebacks = [log.message for log in logs if "Traceback" in log.message]
+    assert tracebacks == []
+
+
+def test_command_line_runs_name_options(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    with cli_names():
+        state = image_search(source=str(missing), out=str(tmp_path / "o"), return_state=True)
+    assert state.message is not None and state.message.endswith(", or --source sample.")
+
+
+def test_a_real_bug_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.image_search
+
+    def broken(names: Any) -> Any:
+        raise KeyError("a bug, not a user error")
+
+    monkeypatch.setattr(flows.image_search, "choose_backends", broken)
+    state = image_search(source="sample", out=str(tmp_path / "o"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(KeyError, match="a bug, not a user error"):
+        state.result()
+    logs = flow_run_logs(state.state_details.flow_run_id)
+    assert any("Traceback" in log.message and "KeyError" in log.message for log in logs)
+
+
+def test_overlapping_folders_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """An explicit data_dir inside the output folder, and the default data cache
+    ($IMAGE_SEARCH_DATA) holding it: both end the run at once, naming the form's fields."""
+    out = tmp_path / "out"
+    state = image_search(source="sample", out=str(out), data_dir=str(out / "d"), return_state=True)
+    assert state.is_failed()
+    assert state.message == (
+        f"invalid parameters:\n  The output folder {out} (out) holds the data cache {out / 'd'} "
+        f"(data_dir); choose two separate folders."
+    )
+    cache = Path(os.environ["IMAGE_SEARCH_DATA"])
+    state = image_search(source="sample", out=str(cache / "out"), return_state=True)
+    assert state.is_failed()
+    assert state.message is not None
+    assert state.message.startswith(
+        f"The output folder {cache / 'out'} (out) lies inside the data cache {cache} (data_dir)"
+    )
+    assert "$IMAGE_SEARCH_DATA" in state.message
+    assert not out.exists() and not (cache / "out").exists()
+
+
+def test_parameter_schema_is_flat_bounded_and_described() -> None:
+    """One form field per parameter, so a run overrides one and keeps the rest."""
     schema = image_search.parameters.model_dump()
-    assert list(schema["properties"]) == ["params"]
-    model = next(iter(schema["definitions"].values()))
-    for name, prop in model["properties"].items():
-        assert prop.get("description"), name
-    assert model["properties"]["split_ratio"]["exclusiveMinimum"] == 0.0
-    assert model["properties"]["k"]["minimum"] == 1
+    assert list(schema["properties"]) == list(SearchParams.model_fields)
+    for name, prop in schema["properties"].items():
+        assert prop["description"] == SearchParams.model_fields[name].description, name
+        assert prop["default"] == getattr(DEFAULTS, name), name
+    assert schema["properties"]["split_ratio"]["exclusiveMinimum"] == 0
+    assert schema["properties"]["split_ratio"]["exclusiveMaximum"] == 1
+    assert schema["properties"]["k"]["minimum"] == 1
+    assert schema["properties"]["k"]["maximum"] == 1000
+    assert schema["required"] == []
