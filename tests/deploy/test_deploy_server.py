@@ -1,7 +1,8 @@
 """Against a real ``prefect server``: both pools created from infra/, ``prefect --no-prompt deploy
 --all`` from a fresh clone, then the deployments, schedules and parameter form read back through
 the API, and the Job the Kubernetes worker would submit for a `gpu` run rendered by the worker's
-own code path (``resolve_for_flow_run``)."""
+own code path (``resolve_for_flow_run``). Also README's Deploy commands, run as written on a
+fresh clone with a random port, and what deploying `gpu` without a registry says."""
 
 from __future__ import annotations
 
@@ -165,7 +166,7 @@ def test_a_run_with_more_gpus_than_its_instance_type_is_refused(deployed: Deploy
     output = cli.stdout + cli.stderr
     assert cli.returncode != 0 and "greater than the maximum of 1" in output, output
     runs = deployed.server.post("/flow_runs/filter", {})
-    assert all(r["job_variables"].get("gpu_count") != 2 for r in runs)
+    assert [r for r in runs if r["job_variables"] == {"gpu_count": 2}] == []
 
 
 def test_readme_deploy_commands_work_on_any_port(readme_deploy: ReadmeDeploy) -> None:
