@@ -5,6 +5,11 @@ A case is a function ``fn(quick: bool) -> dict`` registered under a name. Its di
 "met"}``) and ``raw`` (anything JSON). A case that cannot run here raises :class:`Skip` with
 the reason. Each case runs in its own child process (:func:`run_child`), so its peak RSS and
 its thread pools are its own; a case may start further children, one per backend and repeat.
+
+Children run in their own session, so a Ctrl-C reaches only the harness, which then asks the
+running child to stop (SIGINT: its ``with``/``finally`` clean-up runs) and kills it only after a
+grace period. ``python -m benchmarks.run`` also points every child's temporary folders into one
+scratch folder that it removes last, so not even a killed child leaves files behind.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tasks.hardware import cpu_count
 
 CaseFn = Callable[[bool], dict[str, Any]]
 
@@ -74,13 +82,6 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def thread_pools() -> list[dict[str, Any]]:
     """Native thread pools loaded in this process and the threads each is set to use."""
     from threadpoolctl import threadpool_info
@@ -89,30 +90,82 @@ def thread_pools() -> list[dict[str, Any]]:
     return [{k: p.get(k) for k in keep} for p in threadpool_info()]
 
 
-def run_child(target: str, kwargs: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+# Seconds a stopped case gets to remove its temporary folders before it is killed. A case waits
+# less than this for its own children (see ``stop``), so its clean-up always gets its turn.
+GRACE_S = 60.0
+
+
+def stop(proc: subprocess.Popen[Any], grace_s: float) -> None:
+    """Ask ``proc`` to stop (SIGINT: Python runs its clean-up), wait ``grace_s``, then kill it.
+
+    ``grace_s = 0`` kills at once: for children that own no files of their own.
+    """
+    try:
+        if grace_s > 0 and proc.poll() is None:
+            print(f"    stopping child {proc.pid}: it may clean up for {grace_s:.0f} s", flush=True)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:  # also after a second Ctrl-C during the grace period
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def wait_or_stop(proc: subprocess.Popen[Any], grace_s: float, timeout: float | None = None) -> int:
+    """Wait for ``proc`` and return its exit code; on an interrupt, an error or ``timeout``
+    here, :func:`stop` it first and then re-raise."""
+    try:
+        return proc.wait(timeout)
+    except BaseException:
+        stop(proc, grace_s)
+        raise
+
+
+def raise_interrupt_on_sigterm() -> None:
+    """Let SIGTERM unwind like Ctrl-C, so ``with``/``finally`` clean-up runs on either."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_child(
+    target: str,
+    kwargs: dict[str, Any],
+    timeout: float | None = None,
+    grace_s: float = GRACE_S,
+) -> dict[str, Any]:
     """Call ``target(**kwargs)`` in a fresh Python process; its dict plus its peak RSS.
 
     A :class:`Skip` in the child comes back as ``{"skipped": reason}``; any other error is
-    raised here with the child's traceback.
+    raised here with the tail of the child's stderr. Interrupted here, the child is stopped
+    with ``grace_s`` to clean up (see :func:`stop`).
     """
     with tempfile.TemporaryDirectory(prefix="bench-child-") as tmp:
-        out = Path(tmp) / "result.json"
+        out, err = Path(tmp) / "result.json", Path(tmp) / "stderr.txt"
         spec = json.dumps({"target": target, "kwargs": kwargs, "out": str(out)})
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.harness", spec],
-            stderr=subprocess.PIPE,  # kept for the error; stdout (progress) goes straight through
-            text=True,
-            timeout=timeout,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
-        if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(
-                f"{target} failed in its child (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+        with open(err, "w") as stderr:  # a file, not a pipe: nothing to drain while stopping
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.harness", spec],
+                stderr=stderr,  # kept for the error; stdout (progress) goes straight through
+                cwd=Path(__file__).resolve().parent.parent,
+                start_new_session=True,  # Ctrl-C reaches the harness only; it stops the child
             )
+            code = wait_or_stop(proc, grace_s, timeout)
+        if code != 0 or not out.exists():
+            tail = err.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"{target} failed in its child (exit {code}):\n{tail}")
         return json.loads(out.read_text())
 
 
 def _child_main(spec_json: str) -> None:
+    raise_interrupt_on_sigterm()
+    # The harness stops a child with SIGINT; honour it even if the harness was started with
+    # SIGINT ignored (a background job of a script), which children would otherwise inherit.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     spec = json.loads(spec_json)
     try:
         result = resolve(spec["target"])(**spec["kwargs"])
@@ -136,7 +189,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "platform": platform.platform(),
-        "cores_available": cores(),
+        "cores_available": cpu_count(),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
     }

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import CASES, machine, markdown, register, run_cases
+from benchmarks.harness import (
+    CASES,
+    machine,
+    markdown,
+    raise_interrupt_on_sigterm,
+    register,
+    run_cases,
+)
 
 register("search", "benchmarks.search:search", "Exact k-NN search: GEMM ceiling and backends")
 register("decode", "benchmarks.decode:decode", "Memory-map 100,000 STL-10 images")
@@ -41,9 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     names = args.cases or [c.name for c in CASES.values() if c.default]
     command = shlex.join(["python", "-m", "benchmarks.run", *(argv or sys.argv[1:])])
 
+    raise_interrupt_on_sigterm()
     t0 = time.perf_counter()
-    info = machine()
-    results = run_cases(names, args.quick)
+    # Every child's temporary folders go below one scratch folder, removed when the run ends
+    # however it ends: what a killed child could not clean up goes with it.
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as scratch:
+        os.environ["TMPDIR"] = scratch
+        info = machine()
+        results = run_cases(names, args.quick)
     total = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "machine": info, "seconds": total, "results": results}
@@ -55,4 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; temporary folders removed, no results written", file=sys.stderr)
+        sys.exit(130)
