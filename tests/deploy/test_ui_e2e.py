@@ -133,10 +133,10 @@ def test_quick_run_from_the_ui_completes(
     page.get_by_text("Finished in state Completed").last.wait_for()
     page.screenshot(path=str(SCREENSHOTS / "flow-run.png"), full_page=True)
     page.get_by_text("Artifacts", exact=True).first.click()
-    page.get_by_text("summary", exact=True).first.wait_for()
+    page.get_by_text("local-summary", exact=True).first.wait_for()
     page.screenshot(path=str(SCREENSHOTS / "flow-run-artifacts.png"), full_page=True)
 
-    out = deployed.checkout / local["parameters"]["params"]["out"]
+    out = deployed.checkout / local["parameters"]["out"]
     for name in OUTPUTS:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert any((out / "features").glob("*.parquet"))
@@ -146,4 +146,5 @@ def test_quick_run_from_the_ui_completes(
         "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}
     )
     keys = {artifact["key"] for artifact in artifacts}
-    assert {"backends", "summary"} <= keys, keys
+    # Keyed by the deployment, so `local` and `gpu` keep separate histories.
+    assert {"local-backends", "local-summary", "local-results", "local-samples"} <= keys, keys
