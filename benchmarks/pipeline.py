@@ -2,6 +2,8 @@
 
 Each case returns a JSON-ready dict: ``rows`` for the table, ``targets`` (each with the
 measured ratio and whether it is met) and ``raw`` numbers. Ratios are measured within one run.
+Every case works in a temporary folder that it removes however it ends (100,000 images and
+their features are gigabytes).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.harness import GRACE_S, wait_or_stop
+from tasks.storage import STATE_DIR
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -46,14 +51,18 @@ def _stl10_file(path: Path, n: int) -> Path:
 def embed_overhead(quick: bool = False) -> dict[str, Any]:
     """Images/s of the embed stage (memory map -> forward -> Parquet) over a bare compiled
     forward pass on preallocated input, per batch size; plus the opt-in bfloat16 path."""
-    from tasks.sources.stl10 import read_all_images
+    n = 128 if quick else 1024
+    with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
+        return _embed_overhead(Path(tmp), n, quick)
+
+
+def _embed_overhead(tmp: Path, n: int, quick: bool) -> dict[str, Any]:
     from tasks.features.embed import embed_split
     from tasks.features.model import build_model, make_forward
+    from tasks.sources.stl10 import read_all_images
 
-    n = 128 if quick else 1024
     repeats = 3
     batch_sizes = [32] if quick else [16, 32, 64, 128]
-    tmp = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     images = read_all_images(_stl10_file(tmp / "x.bin", n))
     ids = np.arange(n, dtype=np.int64)
     model, _ = build_model("none", seed=0)
@@ -171,35 +180,39 @@ def _bfloat16(
     }
 
 
-def _cli(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
-    """Run ``image-search`` in a child; (wall seconds, exit code, stderr tail)."""
+def _cli(args: list[str], env: dict[str, str], log: Path) -> tuple[float, int, str]:
+    """Run ``image-search`` in a child, its output into ``log``; (wall seconds, exit code, log
+    tail). Interrupted, the child gets SIGINT and time to stop its Prefect API and clean up."""
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-    )
-    return time.perf_counter() - t0, proc.returncode, proc.stderr[-2000:]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+        code = wait_or_stop(proc, GRACE_S / 2)  # inside this case's own grace period
+    return time.perf_counter() - t0, code, log.read_text(errors="replace")[-2000:]
 
 
 def full_flow(quick: bool = False) -> dict[str, Any]:
     """The whole flow on an STL-10-format file of 100,000 images (2,000 in --quick): peak RSS of
     the flow process and its wall time over the embed + search time it reports itself."""
     n = 2000 if quick else 100_000
-    tmp = Path(tempfile.mkdtemp(prefix="bench-flow-"))
-    data = _stl10_file(tmp / "unlabeled_X.bin", n)
-    out = tmp / "out"
-    env = {"IMAGE_SEARCH_DATA": str(tmp / "cache")}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    wall, code, err = _cli(
-        ["--source", str(data), "--weights", "none", "--backends", "numpy", "--out", str(out)], env
-    )
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if code != 0:
-        raise RuntimeError(f"flow failed ({code}): {err}")
-    embed = json.loads((out / ".state" / "embed.json").read_text())
-    compare = json.loads((out / "compare.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="bench-flow-") as tmp_name:
+        tmp = Path(tmp_name)
+        data = _stl10_file(tmp / "unlabeled_X.bin", n)
+        out = tmp / "out"
+        env = {"IMAGE_SEARCH_DATA": str(tmp / "cache")}
+        args = ["--source", str(data), "--weights", "none", "--backends", "numpy", "--out"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        wall, code, err = _cli([*args, str(out)], env, tmp / "flow.log")
+        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if code != 0:
+            raise RuntimeError(f"flow failed ({code}): {err}")
+        # The stage record of the embed stage: {"key", "outputs", "info": {"seconds", ...}}.
+        embed = json.loads((out / STATE_DIR / "embed.json").read_text())["info"]
+        compare = json.loads((out / "compare.json").read_text())
     search = sum(
         b["load_seconds"] + b["fit_seconds"] + b["search_seconds"]
         for b in compare["backends"].values()
@@ -235,28 +248,34 @@ def full_flow(quick: bool = False) -> dict[str, Any]:
 def rerun_cost(quick: bool = False) -> dict[str, Any]:
     """A second identical run (every stage skipped) against an empty flow run, both in one
     process on one temporary Prefect API."""
+    with tempfile.TemporaryDirectory(prefix="bench-rerun-") as tmp:
+        return _rerun_cost(Path(tmp), quick)
+
+
+def _rerun_cost(tmp: Path, quick: bool) -> dict[str, Any]:
     from prefect import flow
 
     from flows.image_search import image_search
-    from flows.params import SearchParams
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-rerun-"))
-    os.environ["IMAGE_SEARCH_DATA"] = str(tmp / "cache")
-    params = SearchParams(
-        source="sample", weights="none", limit=300 if quick else 2000, out=str(tmp / "out")
-    )
+    os.environ["IMAGE_SEARCH_DATA"] = str(tmp / "cache")  # this case runs in its own process
+    params = {
+        "source": "sample",
+        "weights": "none",
+        "limit": 300 if quick else 2000,
+        "out": str(tmp / "out"),
+    }
 
     @flow(name="empty")
     def empty() -> None:
         return None
 
-    image_search(params)  # the first, real run
+    image_search(**params)  # the first, real run
     empty()  # warm the API path for the baseline too
     repeats = 3 if quick else 5
     reruns, empties = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        image_search(params)
+        image_search(**params)
         reruns.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         empty()
