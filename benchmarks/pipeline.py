@@ -116,7 +116,7 @@ def _embed_overhead(tmp: Path, n: int, quick: bool) -> dict[str, Any]:
         "raw": raw,
     }
     if not quick:
-        result.update(_bfloat16(images, forward, best["batch"], repeats))
+        result.update(_bfloat16(images, forward, int(best["batch"]), repeats))
     return result
 
 
@@ -258,24 +258,22 @@ def _rerun_cost(tmp: Path, quick: bool) -> dict[str, Any]:
     from flows.image_search import image_search
 
     os.environ["IMAGE_SEARCH_DATA"] = str(tmp / "cache")  # this case runs in its own process
-    params = {
-        "source": "sample",
-        "weights": "none",
-        "limit": 300 if quick else 2000,
-        "out": str(tmp / "out"),
-    }
+    limit, out = 300 if quick else 2000, str(tmp / "out")
+
+    def run() -> None:
+        image_search(source="sample", weights="none", limit=limit, out=out)
 
     @flow(name="empty")
     def empty() -> None:
         return None
 
-    image_search(**params)  # the first, real run
+    run()  # the first, real run
     empty()  # warm the API path for the baseline too
     repeats = 3 if quick else 5
     reruns, empties = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        image_search(**params)
+        run()
         reruns.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         empty()

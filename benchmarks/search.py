@@ -237,7 +237,7 @@ def _summarise(
         for b, rs in runs.items()
         if rs and all(r.get("cores_busy") for r in rs)
     }
-    rows = []
+    rows: list[dict[str, Any]] = []
     for backend in BACKENDS:
         if backend in skipped:
             rows.append({"backend": backend, "search s (median)": f"skipped: {skipped[backend]}"})
