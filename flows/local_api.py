@@ -128,7 +128,7 @@ class TemporaryApi:
         deadline = self._started + self.timeout
         retries = 3
         with httpx.Client(timeout=2.0, trust_env=False) as client:
-            while time.monotonic() < deadline:
+            while True:  # look at least once, however long the caller took to get here
                 code = self.process.poll()
                 if code == _PORT_TAKEN and retries > 0:
                     retries -= 1
@@ -145,6 +145,8 @@ class TemporaryApi:
                         return
                 except httpx.HTTPError:
                     pass
+                if time.monotonic() > deadline:
+                    break
                 time.sleep(0.2)
         self.stop()
         raise PrefectApiError(

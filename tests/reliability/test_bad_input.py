@@ -66,10 +66,7 @@ def baseline(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) ->
 def run_cli(args: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str]:
     """``image-search run ARGS`` in this process: (exit code, everything it printed)."""
     capfd.readouterr()
-    try:
-        code = main(["run", *args])
-    except SystemExit as exc:  # argparse rejects a value before main() can return
-        code = int(exc.code or 0)
+    code = main(["run", *args])  # returns the status, whatever argparse thought of ARGS
     out, err = capfd.readouterr()
     return code, out + err
 
@@ -93,17 +90,29 @@ def assert_user_error(code: int, output: str, message: str, flow_failed: bool = 
     [
         (["--limit", "0"], "--limit = 0: Input should be greater than or equal to 1"),
         (["--limit", "-5"], "--limit = -5: Input should be greater than or equal to 1"),
-        (["--split-ratio", "0"], "--split-ratio = 0.0: Input should be greater than 0"),
-        (["--split-ratio", "1"], "--split-ratio = 1.0: Input should be less than 1"),
+        (["--split-ratio", "0"], "--split-ratio = 0: Input should be greater than 0"),
+        (["--split-ratio", "1"], "--split-ratio = 1: Input should be less than 1"),
         (["--split-ratio", "-0.5"], "--split-ratio = -0.5: Input should be greater than 0"),
         (["--k", "0"], "--k = 0: Input should be greater than or equal to 1"),
         (["--backends", "numpy,annoy"], "Input should be 'cuml', 'sklearn', 'faiss' or 'numpy'"),
-        (["--limit", "many"], "'many' is not a valid value for --limit"),
+        (["--limit", "many"], "--limit = many: Input should be a valid integer"),
+        (["--precision", "fp16"], "--precision = fp16: Input should be 'float32' or 'bfloat16'"),
+        (["--nshow", "5"], "unrecognized arguments: --nshow 5"),
+        # Overlapping folders would make the run wait on its own lock: refused up front.
+        (
+            ["--data-dir", "{out}/cache"],
+            "The output folder {out} (--out) holds the data cache {out}/cache (--data-dir); "
+            "choose two separate folders.",
+        ),
+        (["--out", "{data}/out"], "The output folder {data}/out (--out) lies inside the data"),
+        (["--out", "{data}"], "The output folder {data} (--out) is the same folder as the data"),
     ],
 )
 def test_bad_parameters_exit_2_before_any_run(
     baseline: Baseline, extra: list[str], message: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
+    extra = [e.format(out=baseline.out, data=baseline.data) for e in extra]
+    message = message.format(out=baseline.out, data=baseline.data)
     before = snapshot(baseline.data, baseline.out)
     latest = latest_flow_run()
     code, output = run_cli(baseline.args(*extra), capfd)
@@ -111,6 +120,26 @@ def test_bad_parameters_exit_2_before_any_run(
     assert "image-search: error: " in output or "image-search run: error: " in output
     assert latest_flow_run().id == latest.id  # refused before a flow run was created
     assert_unchanged(before, baseline.data, baseline.out)
+
+
+def test_output_folder_inside_the_default_data_cache(
+    baseline: Baseline, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No --data-dir: the cache comes from $IMAGE_SEARCH_DATA, which only the run resolves.
+    It stops at once, before the lock it would wait on forever."""
+    monkeypatch.setenv("IMAGE_SEARCH_DATA", str(baseline.data))
+    before = snapshot(baseline.data, baseline.out)
+    code, output = run_cli([*BASE_ARGS, "--out", str(baseline.data / "out")], capfd)
+    assert_user_error(
+        code,
+        output,
+        f"The output folder {baseline.data / 'out'} (--out) lies inside the data cache "
+        f"{baseline.data} (--data-dir); choose two separate folders. The data cache comes from "
+        f"$IMAGE_SEARCH_DATA, else the per-user cache folder; --data-dir sets it for one run.",
+    )
+    assert "waiting" not in output
+    assert_unchanged(before, baseline.data, baseline.out)
+    assert not (baseline.data / "out").exists()
 
 
 # -- values only the data can refute: exit 1, a Failed flow run, nothing touched -------------
