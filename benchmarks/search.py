@@ -3,7 +3,7 @@
 One data set (synthetic ReLU-like float32 features with duplicate rows, like ResNet max-pool
 outputs of a photo set with repeats) is written once as the flow's feature files
 (``tasks.features.store``); every backend then runs in its own child process, once per repeat,
-through ``tasks.search.knn.run_backend``: the same load, warm-up, fit and search clocks, thread
+through ``tasks.search.backends.run_backend``: the same load, warm-up, fit and search clocks, thread
 limits and saved neighbours as in a flow run. Backends are interleaved within a repeat so that
 load on a shared machine hits all of them alike. Ratios are taken between medians of the same run.
 """
@@ -85,7 +85,7 @@ class GemmCeiling(Backend):
 def backend_child(backend: str, data_dir: str, k: int, tag: str) -> dict[str, Any]:
     """One run of one backend (in its own process) through the product's ``run_backend``: fit
     and search seconds, the cores it kept busy, its threads, memory above the loaded data."""
-    from tasks.search.knn import run_backend  # imports Prefect: only in the child
+    from tasks.search.backends import run_backend
 
     b = GemmCeiling() if backend == "gemm" else make_backend(backend)
     reason = b.unavailable_reason()

@@ -16,8 +16,8 @@ from pydantic import BaseModel
 from tasks.errors import ImageSearchError
 from tasks.features.embed import Features
 from tasks.features.store import load_features
-from tasks.search.backends import REFERENCE
-from tasks.search.knn import SearchRun, load_neighbors, stage_name
+from tasks.search.backends import REFERENCE, SearchRun
+from tasks.search.knn import load_neighbors, stage_name
 from tasks.storage import RunFolder, atomic_path, write_json_atomic
 
 COMPARE_FILE = "compare.json"

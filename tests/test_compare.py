@@ -23,7 +23,7 @@ from tasks.compare import (
     tie_rows,
 )
 from tasks.features.embed import Features
-from tasks.search.knn import SearchRun
+from tasks.search.backends import SearchRun
 from tasks.storage import DataRef, RunFolder
 
 QIDS = np.array([10, 11, 12], dtype=np.int64)

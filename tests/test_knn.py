@@ -15,10 +15,11 @@ from tasks.search.backends import (
     CumlBackend,
     choose_backends,
     make_backend,
+    run_backend,
     to_euclidean,
     validate_k,
 )
-from tasks.search.knn import load_neighbors, run_backend, search_features
+from tasks.search.knn import load_neighbors, search_features
 from tasks.storage import DataRef, RunFolder
 
 

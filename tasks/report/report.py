@@ -16,8 +16,8 @@ from tasks.compare import Comparison
 from tasks.features.embed import Features
 from tasks.report import artifact_key
 from tasks.report.pictures import image_grid, markdown_image, save_png
-from tasks.search.backends import REFERENCE
-from tasks.search.knn import SearchRun, load_neighbors
+from tasks.search.backends import REFERENCE, SearchRun
+from tasks.search.knn import load_neighbors
 from tasks.sources.stl10 import read_all_images
 from tasks.storage import DataRef, RunFolder
 

@@ -1,5 +1,6 @@
 """Exact k-nearest-neighbour search behind one small interface, on GPU (cuML) and CPU
-(scikit-learn, FAISS, NumPy), all answering in true Euclidean distance.
+(scikit-learn, FAISS, NumPy), all answering in true Euclidean distance, and the honest clock
+that runs one of them over two feature files (no Prefect here: benchmarks time this too).
 
 Every backend is imported lazily: a missing package or CUDA device makes the backend
 *unavailable with a reason*, and the run goes on with the others.
@@ -8,6 +9,7 @@ Every backend is imported lazily: a missing package or CUDA device makes the bac
 from __future__ import annotations
 
 import importlib
+import time
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -15,11 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel
 
 from tasks.errors import ImageSearchError
 from tasks.features.store import load_features
 from tasks.hardware import cpu_count
 from tasks.search.exact import prepare_index, search_prepared
+from tasks.storage import atomic_path
 
 REFERENCE = "sklearn"
 SKLEARN_WORKING_MEMORY_MIB = 256
@@ -238,3 +242,72 @@ def choose_backends(requested: Sequence[str] | None) -> list[str]:
     else:
         chosen = ["cuml"] if CumlBackend().unavailable_reason() is None else ["cuml", "faiss"]
     return [REFERENCE, *[b for b in chosen if b != REFERENCE]]
+
+
+class SearchRun(BaseModel):
+    """What one backend did: timings, threads and where its neighbours are stored.
+
+    ``path`` is relative to the output folder, so a copied or moved folder reads its own.
+    """
+
+    backend: str
+    device: str
+    available: bool
+    reason: str | None = None
+    path: str | None = None
+    n_queries: int = 0
+    k: int = 0
+    load_seconds: float = 0.0
+    fit_seconds: float = 0.0
+    search_seconds: float = 0.0
+    cores_used: float | None = None
+    threads: dict[str, int] = {}
+
+
+def run_backend(
+    backend: Backend, index_path: Path, query_path: Path, k: int, dest: Path
+) -> SearchRun:
+    """Load, warm up, then time fit and search separately; save neighbours to ``dest`` (.npz).
+
+    The saved neighbours are image ids, not row positions. Each CPU backend runs with all the
+    cores this process may use; ``cores_used`` is CPU time over wall time during the search.
+    """
+    from threadpoolctl import threadpool_limits
+
+    t0 = time.perf_counter()
+    index_ids, index = backend.load(index_path)
+    query_ids, queries = backend.load(query_path)
+    backend.sync()
+    load_s = time.perf_counter() - t0
+    validate_k(k, len(index_ids))
+    with threadpool_limits(limits=cpu_count()):
+        warm = min(len(index_ids), max(k, 256))
+        backend.fit(index[:warm])
+        backend.search(queries[: min(len(query_ids), 16)], min(k, warm))
+        backend.sync()
+        t0 = time.perf_counter()
+        backend.fit(index)
+        backend.sync()
+        fit_s = time.perf_counter() - t0
+        c0, t0 = time.process_time(), time.perf_counter()
+        dist, pos = backend.search(queries, k)
+        backend.sync()
+        search_s = time.perf_counter() - t0
+        cpu_s = time.process_time() - c0
+        threads = backend.threads()
+    neighbor_ids = index_ids[pos]
+    with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+        np.savez(f, query_ids=query_ids, distances=dist, neighbor_ids=neighbor_ids)
+    return SearchRun(
+        backend=backend.name,
+        device=backend.device,
+        available=True,
+        path=str(dest),
+        n_queries=len(query_ids),
+        k=k,
+        load_seconds=load_s,
+        fit_seconds=fit_s,
+        search_seconds=search_s,
+        cores_used=round(cpu_s / search_s, 2) if backend.device == "cpu" and search_s > 0 else None,
+        threads=threads,
+    )

@@ -1,96 +1,25 @@
-"""The search stage: run one backend over the feature files, timed honestly, and keep its
-neighbours (as image ids) in ``.knn/<backend>.npz`` inside the output folder."""
+"""The search stage: run one backend over the feature files (unless it already ran on the same
+inputs) and keep its neighbours, as image ids, in ``.knn/<backend>.npz`` in the output folder."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
 
 from tasks.errors import ImageSearchError
 from tasks.features.embed import Features
 from tasks.hardware import cpu_count
-from tasks.search.backends import Backend, make_backend, validate_k
-from tasks.storage import RunFolder, atomic_path
+from tasks.search.backends import SearchRun, make_backend, run_backend
+from tasks.storage import RunFolder
 
 KNN_DIR = ".knn"
 
 
-class SearchRun(BaseModel):
-    """What one backend did: timings, threads and where its neighbours are stored.
-
-    ``path`` is relative to the output folder, so a copied or moved folder reads its own.
-    """
-
-    backend: str
-    device: str
-    available: bool
-    reason: str | None = None
-    path: str | None = None
-    n_queries: int = 0
-    k: int = 0
-    load_seconds: float = 0.0
-    fit_seconds: float = 0.0
-    search_seconds: float = 0.0
-    cores_used: float | None = None
-    threads: dict[str, int] = {}
-
-
 def stage_name(backend: str) -> str:
     return f"knn-{backend}"
-
-
-def run_backend(
-    backend: Backend, index_path: Path, query_path: Path, k: int, dest: Path
-) -> SearchRun:
-    """Load, warm up, then time fit and search separately; save neighbours to ``dest`` (.npz).
-
-    The saved neighbours are image ids, not row positions. Each CPU backend runs with all the
-    cores this process may use; ``cores_used`` is CPU time over wall time during the search.
-    """
-    from threadpoolctl import threadpool_limits
-
-    t0 = time.perf_counter()
-    index_ids, index = backend.load(index_path)
-    query_ids, queries = backend.load(query_path)
-    backend.sync()
-    load_s = time.perf_counter() - t0
-    validate_k(k, len(index_ids))
-    with threadpool_limits(limits=cpu_count()):
-        warm = min(len(index_ids), max(k, 256))
-        backend.fit(index[:warm])
-        backend.search(queries[: min(len(query_ids), 16)], min(k, warm))
-        backend.sync()
-        t0 = time.perf_counter()
-        backend.fit(index)
-        backend.sync()
-        fit_s = time.perf_counter() - t0
-        c0, t0 = time.process_time(), time.perf_counter()
-        dist, pos = backend.search(queries, k)
-        backend.sync()
-        search_s = time.perf_counter() - t0
-        cpu_s = time.process_time() - c0
-        threads = backend.threads()
-    neighbor_ids = index_ids[pos]
-    with atomic_path(dest) as tmp, open(tmp, "wb") as f:
-        np.savez(f, query_ids=query_ids, distances=dist, neighbor_ids=neighbor_ids)
-    return SearchRun(
-        backend=backend.name,
-        device=backend.device,
-        available=True,
-        path=str(dest),
-        n_queries=len(query_ids),
-        k=k,
-        load_seconds=load_s,
-        fit_seconds=fit_s,
-        search_seconds=search_s,
-        cores_used=round(cpu_s / search_s, 2) if backend.device == "cpu" and search_s > 0 else None,
-        threads=threads,
-    )
 
 
 def load_neighbors(run: SearchRun, out: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
