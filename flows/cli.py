@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from types import FrameType
 from typing import Any
 
@@ -213,19 +213,28 @@ class _NoTraceback(logging.Filter):
         return True
 
 
-def _quiet_console_tracebacks() -> None:
-    """Attach :class:`_NoTraceback` to every console handler Prefect configured.
+@contextmanager
+def _console_without_tracebacks() -> Iterator[None]:
+    """Attach :class:`_NoTraceback` to every console handler Prefect configured, for the run.
 
     Handlers sending to the API keep tracebacks of real bugs: they format a record before
     it reaches the console, which is further up the logger tree.
     """
     loggers = [logging.getLogger(), *map(logging.getLogger, list(logging.root.manager.loggerDict))]
-    for logger in loggers:
-        for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, logging.StreamHandler) and not any(
-                isinstance(f, _NoTraceback) for f in handler.filters
-            ):
-                handler.addFilter(_NoTraceback())
+    handlers = {
+        handler
+        for logger in loggers
+        for handler in getattr(logger, "handlers", [])
+        if isinstance(handler, logging.StreamHandler)
+    }
+    quiet = _NoTraceback()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def _error(message: str) -> None:
@@ -244,9 +253,8 @@ def _run(params: SearchParams, show_traceback: bool) -> int:
             if api is not None:
                 api.wait_ready()
                 _use_api(api.url)
-            if not show_traceback:
-                _quiet_console_tracebacks()
-            state = image_search(**params.model_dump(), return_state=True)
+            with nullcontext() if show_traceback else _console_without_tracebacks():
+                state = image_search(**params.model_dump(), return_state=True)
             outcome = state.result(raise_on_failure=False)
     except TerminationSignal as exc:
         raise Terminated from exc

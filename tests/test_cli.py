@@ -153,6 +153,28 @@ def test_temporary_api_start_up_budget(monkeypatch: pytest.MonkeyPatch) -> None:
         assert startup_timeout() == 7
 
 
+def test_an_unexpected_error_shows_a_traceback_only_when_asked(
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    prefect_harness: None,
+) -> None:
+    import flows.image_search
+
+    def broken(names: object) -> object:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(flows.image_search, "choose_backends", broken)
+    args = ["run", "--source", "sample", "--out", str(tmp_path / "out")]
+    assert main(args) == 1
+    err = capfd.readouterr().err
+    assert "image-search: error: unexpected KeyError: 'a bug'\n(run again with --traceback" in err
+    assert "Traceback" not in err
+    with pytest.raises(KeyError, match="a bug"):
+        main([*args, "--traceback"])
+    assert "Traceback (most recent call last)" in capfd.readouterr().err
+
+
 # -- a configured Prefect API that does not answer -------------------------------------------
 
 
