@@ -154,25 +154,41 @@ def test_temporary_api_start_up_budget(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_an_unexpected_error_shows_a_traceback_only_when_asked(
-    tmp_path: Path,
-    capfd: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    prefect_harness: None,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None
 ) -> None:
+    """A bug in a real process: its console output (Prefect's logs included) names the error
+    and the option; in this process, ``--traceback`` lets the exception out."""
+    from prefect.settings import PREFECT_API_URL
+
+    bug = (
+        "import sys, flows.image_search as flow\n"
+        "def broken(names): raise KeyError('a bug')\n"
+        "flow.choose_backends = broken\n"
+        "from flows.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-c", bug, "run", "--source", "sample", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())},
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Encountered exception during execution: KeyError('a bug')" in done.stderr
+    assert done.stderr.endswith(
+        "image-search: error: unexpected KeyError: 'a bug'\n"
+        "(run again with --traceback for the details)\n"
+    )
+    assert "Traceback" not in done.stderr + done.stdout
+
     import flows.image_search
 
-    def broken(names: object) -> object:
-        raise KeyError("a bug")
-
-    monkeypatch.setattr(flows.image_search, "choose_backends", broken)
-    args = ["run", "--source", "sample", "--out", str(tmp_path / "out")]
-    assert main(args) == 1
-    err = capfd.readouterr().err
-    assert "image-search: error: unexpected KeyError: 'a bug'\n(run again with --traceback" in err
-    assert "Traceback" not in err
+    monkeypatch.setattr(flows.image_search, "choose_backends", lambda names: {}["a bug"])
     with pytest.raises(KeyError, match="a bug"):
-        main([*args, "--traceback"])
-    assert "Traceback (most recent call last)" in capfd.readouterr().err
+        main(["run", "--source", "sample", "--out", str(out), "--traceback"])
 
 
 # -- a configured Prefect API that does not answer -------------------------------------------

@@ -51,7 +51,7 @@ def test_flow_on_sample_end_to_end_and_rerun_is_free(tmp_path: Path) -> None:
     assert {p.name for p in out.iterdir()} >= EXPECTED
     compare = json.loads((out / "compare.json").read_text())
     assert compare["passed"] is True and compare["n_queries"] == 30 and compare["k"] == 3
-    faiss = compare["backends"]["faiss"]
+    faiss = compare["backends"]["faiss"]["agreement"]
     assert faiss["max_abs_deviation"] < 1e-3 * faiss["median_neighbor_distance"]
     assert faiss["rows_mismatched"] == 0
     cuml = compare["backends"]["cuml"]
