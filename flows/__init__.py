@@ -1,1 +1,2 @@
-"""The image-search flow, its parameters and its command line."""
+"""The image-search flow, its parameters, its command line and the Prefect API a command-line
+run talks to."""
