@@ -25,8 +25,9 @@ block has negative values. float16: a power of two that puts the row's largest e
 1. *Product.* The engine returns ``G ~ Q.X`` with ``|G - Q.X| <= gamma * sum_i |Q_i X_i|``.
    int8: ``gamma = 0``. int32 accumulation is exact: the stored uint8 and int8 inputs never
    exceed 127 in magnitude, so AVX2's int16 pair sums (``vpmaddubsw``, 2 * 127 * 127 < 2^15)
-   cannot saturate, and ``d * 127 * 254 < 2^31`` for ``d <= 66,571``. Float formats: products of two 16-bit floats are exact
-   in float32, float32 inputs round once per product; any summation order then gives
+   cannot saturate, and ``d * 127 * 254 < 2^31`` for ``d <= 66,571``. Float formats:
+   products of two 16-bit floats are exact in float32, float32 inputs round once per
+   product; any summation order then gives
    ``gamma = (d+2) u_acc / (1 - (d+2) u_acc)`` (Higham, *Accuracy and Stability*, eq. 3.4).
    We take ``u_acc = 2^-22``, four times float32's unit roundoff ``u = 2^-24``, which also
    covers truncating tensor-core adders (Fasi et al., "Numerical behavior of NVIDIA tensor
