@@ -56,9 +56,12 @@ The certificate, "the exact k-th distance is strictly below every non-candidate'
 thus holds by construction: a row whose score merely equals its threshold is a candidate, so
 equality is never decided in reduced precision. A query is not certified when its candidate
 set exceeds ``max_candidates`` (too close to call cheaply: many near-duplicates), when its
-norms could overflow float32 scores, or, defensively, when fewer than ``k`` rows pass; it then
-goes to the exact path: ``tasks.search.exact`` on the CPU, the same pass in float32 with no
-candidate cap on a GPU. Thresholds are evaluated in float64 with a relative slack of 2^-40
+norms could overflow float32 scores, or, defensively, when fewer than ``k`` rows pass. It then
+takes the exact path: the same pass in float32 (the index as given: ``e_x = 0``) with no cap on
+the candidates, which the same proof makes exact, and a float64 brute force for a query whose
+float32 scores could overflow. (Not ``tasks.search.exact``: its float32 selection may let
+float32 noise choose between identical rows straddling the k-th place, where the tie rule
+wants the lower position.) Thresholds are evaluated in float64 with a relative slack of 2^-40
 over the terms' magnitudes (float64 rounding is ~2^-52 per operation).
 
 Cost: one reduced GEMM per query block (the bulk), then per query a few passes over its score
@@ -81,7 +84,7 @@ from typing import Any, Literal
 import numpy as np
 
 from tasks.hardware import cpu_count, cpu_features
-from tasks.search.exact import PreparedIndex, default_block, prepare_index, search_prepared
+from tasks.search.exact import default_block
 
 __all__ = [
     "FORMATS",
@@ -414,8 +417,6 @@ class CertifiedIndex:
     ----------
     data : array of shape (n_index, d), float32
         The rows as given: re-ranking and the exact fallback read them.
-    exact : PreparedIndex or None
-        ``tasks.search.exact``'s prepared index over ``data`` (NumPy only): the fallback.
     choice : FormatChoice
         The reduced format, its engine and why it was chosen.
     scale, half_sq : arrays of shape (n_index,), float32
@@ -426,7 +427,6 @@ class CertifiedIndex:
 
     xp: Any
     data: Any
-    exact: PreparedIndex | None
     choice: FormatChoice
     engine: _Engine
     scale: Any
@@ -438,7 +438,7 @@ class CertifiedIndex:
     reduced_norm_max: float
     bound: _Bound
     reduced_nbytes: int
-    fallback_index: CertifiedIndex | None = None  # GPU only: float32, no candidate cap
+    fallback_index: CertifiedIndex | None = None  # float32 over the same rows: the exact path
 
     @property
     def fmt(self) -> str:
@@ -656,7 +656,9 @@ def prepare_certified(index: Any, fmt: str = "auto") -> CertifiedIndex:
     return _prepare(xp, data, choice)
 
 
-def _prepare(xp: Any, data: Any, choice: FormatChoice) -> CertifiedIndex:
+def _prepare(
+    xp: Any, data: Any, choice: FormatChoice, with_fallback: bool = True
+) -> CertifiedIndex:
     fmt, dim = choice.fmt, int(data.shape[1])
     engine, scale, err, reduced_sq, reduced_nbytes = _build_engine(xp, data, fmt)
     choice = FormatChoice(choice.fmt, engine.name, choice.reason, choice.rates, choice.cpu)
@@ -664,11 +666,9 @@ def _prepare(xp: Any, data: Any, choice: FormatChoice) -> CertifiedIndex:
     err = _round_up(err, dim)
     reduced_sq = _round_up(reduced_sq, dim)
     g = _round_up(err * err / 2 + (bound.alpha + bound.beta / 2) * reduced_sq, dim)
-    exact = prepare_index(data) if _is_numpy(xp) else None
     prepared = CertifiedIndex(
         xp=xp,
         data=data,
-        exact=exact,
         choice=choice,
         engine=engine,
         scale=scale,
@@ -681,8 +681,10 @@ def _prepare(xp: Any, data: Any, choice: FormatChoice) -> CertifiedIndex:
         bound=bound,
         reduced_nbytes=reduced_nbytes,
     )
-    if not _is_numpy(xp):
-        fallback = _prepare(xp, data, FormatChoice("float32", "", "exact fallback"))
+    if with_fallback:
+        fallback = prepared
+        if fmt != "float32":
+            fallback = _prepare(xp, data, FormatChoice("float32", "", "exact path"), False)
         prepared = dataclasses.replace(prepared, fallback_index=fallback)
     return prepared
 
@@ -725,10 +727,13 @@ def _distances(xp: Any, data: Any, q: Any, pos: Any) -> Any:
     (rows, m) >= 0, from the difference vectors, in pieces of bounded scratch."""
     rows, m = pos.shape
     out = xp.empty((rows, m), dtype=xp.float64)
-    step = max(1, _RERANK_ELEMS // max(1, m * data.shape[1]))
+    cols = max(1, min(m, _RERANK_ELEMS // data.shape[1]))
+    step = max(1, _RERANK_ELEMS // (cols * data.shape[1]))
     for r0 in range(0, rows, step):
-        diff = xp.subtract(data[pos[r0 : r0 + step]], q[r0 : r0 + step, None, :], dtype=xp.float64)
-        out[r0 : r0 + step] = xp.sqrt(xp.einsum("ijk,ijk->ij", diff, diff))
+        for c0 in range(0, m, cols):
+            sel = pos[r0 : r0 + step, c0 : c0 + cols]
+            diff = xp.subtract(data[sel], q[r0 : r0 + step, None, :], dtype=xp.float64)
+            out[r0 : r0 + step, c0 : c0 + cols] = xp.sqrt(xp.einsum("ijk,ijk->ij", diff, diff))
     return out
 
 
@@ -812,6 +817,14 @@ def _certify_rows(
     return dist, pos, ok, counts
 
 
+def _default_block(xp: Any, n_index: int) -> int:
+    """Queries per reduced GEMM: ~128 MiB of scores on the CPU (as the exact path), 1 GiB on
+    a GPU."""
+    if _is_numpy(xp):
+        return default_block(n_index)
+    return max(16, min(16384, _GPU_SCRATCH_BYTES // (4 * n_index)))
+
+
 def _default_cap(n_index: int, k: int) -> int:
     """Candidates worth re-measuring before the exact path is cheaper: the float64 re-rank of
     one row costs about 1/64 of a float32 GEMM pass over the index per query."""
@@ -871,10 +884,7 @@ def search_certified(
     if k > n_index:
         raise ValueError(f"Expected k <= n_index, but n_index = {n_index}, k = {k}")
     if block is None:
-        if _is_numpy(xp):
-            block = default_block(n_index)
-        else:
-            block = max(16, min(16384, _GPU_SCRATCH_BYTES // (4 * n_index)))
+        block = _default_block(xp, n_index)
     elif isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
         raise ValueError(f"Expected block >= 1 (queries per block), but block = {block!r}")
     cap = _default_cap(n_index, k) if max_candidates is None else int(max_candidates)
@@ -910,9 +920,8 @@ def search_certified(
 
 
 def _fallback(ix: CertifiedIndex, q: Any, k: int) -> tuple[Any, Any]:
-    """The exact path for queries whose certificate failed."""
-    if ix.exact is not None:
-        return search_prepared(ix.exact, q, k)
+    """The exact path for queries whose certificate failed: float32 scores, no candidate cap
+    (exact by the same proof), float64 brute force where float32 scores could overflow."""
     assert ix.fallback_index is not None
     xp = ix.xp
     n = q.shape[0]
@@ -920,7 +929,7 @@ def _fallback(ix: CertifiedIndex, q: Any, k: int) -> tuple[Any, Any]:
     pos = xp.empty((n, k), dtype=xp.int64)
     ok = xp.zeros(n, dtype=bool)
     cnt = xp.zeros(n, dtype=xp.int64)
-    block = max(16, min(16384, _GPU_SCRATCH_BYTES // (4 * ix.n_index)))
+    block = _default_block(xp, ix.n_index)
     _run_blocks(ix.fallback_index, q, k, min(block, n), ix.n_index, dist, pos, ok, cnt)
     if not bool(ok.all()):  # float32 scores out of range: nothing cheaper is left
         bad = xp.flatnonzero(~ok)
