@@ -27,6 +27,16 @@ from benchmarks.harness import (
 )
 
 register("search", "benchmarks.search:search", "Exact k-NN search: GEMM ceiling and backends")
+register(
+    "hardware",
+    "benchmarks.hardware:hardware",
+    "GEMM rate per CPU-second of float32, bfloat16, float16 and int8 kernels",
+)
+register(
+    "certified",
+    "benchmarks.certified:certified_search",
+    "Certified reduced-precision search vs exact_knn, FAISS, scikit-learn (k = 3, 10)",
+)
 register("decode", "benchmarks.decode:decode", "Memory-map 100,000 STL-10 images")
 register(
     "embed",

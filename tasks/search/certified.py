@@ -76,6 +76,7 @@ import functools
 import itertools
 import operator
 import resource
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -115,6 +116,7 @@ _ARGMIN_MAX_K = 32  # as in tasks.search.exact: k argmin passes beat a partition
 _ROW_BYTES_L2 = 768 * 2**10  # score rows post-processed together (two 90,000-wide rows)
 _RERANK_ELEMS = 2**22  # float64 elements of difference vectors measured at once (32 MiB)
 _GPU_SCRATCH_BYTES = 2**30  # score scratch per query block on a GPU
+_PIECE = 1024  # index rows converted or checked at a time: float64 scratch stays ~16 MiB
 
 
 @dataclass(frozen=True)
@@ -464,12 +466,17 @@ def _check_matrix(xp: Any, x: Any, name: str) -> Any:
     if arr.dtype.kind not in "fiu":
         raise ValueError(f"Expected {name} to hold real numbers, but {name}.dtype = {arr.dtype}")
     arr = xp.ascontiguousarray(arr, dtype=xp.float32)
-    if not bool(xp.isfinite(arr).all()):
+    if not _all_rows(xp, arr, xp.isfinite):
         raise ValueError(f"Expected finite values, but {name} contains NaN or infinity")
     return arr
 
 
-def _probe_rate(xp: Any, fmt: str, dim: int, rows: int = 128, cols: int = 4096) -> float:
+def _all_rows(xp: Any, arr: Any, test: Any) -> bool:
+    """Whether ``test`` holds for every element, in pieces (no (n, d) boolean temporary)."""
+    return all(bool(test(arr[s : s + _PIECE]).all()) for s in range(0, arr.shape[0], _PIECE))
+
+
+def _probe_rate(xp: Any, fmt: str, dim: int, rows: int = 128, cols: int = 3072) -> float:
     """GFLOP per CPU-second (NumPy) or per second (CuPy) of one format's engine on a probe
     block shaped like the search's (``rows`` queries x ``cols`` index rows x ``dim``)."""
     rng = np.random.default_rng(0)
@@ -547,7 +554,7 @@ def choose_format(xp: Any = np, dim: int = 2048) -> FormatChoice:
 
 
 def _reduce_index(xp: Any, data: Any, fmt: str, layout: str) -> tuple[Any, Any, Any, Any, int]:
-    """The index (n, d) in the reduced format, in pieces of 2048 rows: (values, scales (n,),
+    """The index (n, d) in the reduced format, piece by piece: (values, scales (n,),
     ``e_x`` (n,) float64 and ``|x~|^2`` (n,) float64, both before rounding up, and the
     engine's zero point for the stored values).
 
@@ -555,7 +562,7 @@ def _reduce_index(xp: Any, data: Any, fmt: str, layout: str) -> tuple[Any, Any, 
     (float16/bfloat16 values are exact in float32), "columns" (d, n) for onnxruntime.
     """
     n, d = data.shape
-    unsigned = fmt == "int8" and bool((data >= 0).all())
+    unsigned = fmt == "int8" and _all_rows(xp, data, lambda a: a >= 0)
     shift = _INT8_MAX if unsigned and layout == "columns" else 0
     scale = xp.ones(n, dtype=xp.float32)
     err = xp.zeros(n, dtype=xp.float64)
@@ -568,22 +575,22 @@ def _reduce_index(xp: Any, data: Any, fmt: str, layout: str) -> tuple[Any, Any, 
         dtype = {"int8": xp.int16 if unsigned else xp.int8, "float16": xp.float16}.get(fmt)
         dtype = xp.float32 if layout == "held" else dtype
         values = xp.empty((n, d), dtype=dtype)
-    for s in range(0, n, 2048):
-        part = data[s : s + 2048]
+    for s in range(0, n, _PIECE):
+        part = data[s : s + _PIECE]
         if fmt == "float32":
             approx = part.astype(xp.float64)
-            reduced_sq[s : s + 2048] = xp.einsum("ij,ij->i", approx, approx)
+            reduced_sq[s : s + _PIECE] = xp.einsum("ij,ij->i", approx, approx)
             continue
         v, sc = _reduce_rows(xp, part, fmt, unsigned=unsigned)
         if layout == "columns":
-            values[:, s : s + 2048] = (v - shift).T
+            values[:, s : s + _PIECE] = (v - shift).T
         else:
-            values[s : s + 2048] = v
-        scale[s : s + 2048] = sc
+            values[s : s + _PIECE] = v
+        scale[s : s + _PIECE] = sc
         approx = _dequantize(xp, v, sc)
-        reduced_sq[s : s + 2048] = xp.einsum("ij,ij->i", approx, approx)
+        reduced_sq[s : s + _PIECE] = xp.einsum("ij,ij->i", approx, approx)
         approx -= part
-        err[s : s + 2048] = xp.sqrt(xp.einsum("ij,ij->i", approx, approx))
+        err[s : s + _PIECE] = xp.sqrt(xp.einsum("ij,ij->i", approx, approx))
     return values, scale, err, reduced_sq, -shift
 
 
@@ -722,17 +729,37 @@ def _reduce_queries(ix: CertifiedIndex, q: Any) -> _QueryBlock:
     return _QueryBlock(q, values, zero_point, scale, eps, reduced_norm, safe)
 
 
+_local = threading.local()
+
+
+def _buffer(xp: Any, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
+    """A scratch array of ``shape``, reused by this thread from call to call (NumPy): fresh
+    multi-MiB temporaries cost a page fault per 4 KiB every time. CuPy has its memory pool."""
+    size = int(np.prod(shape))
+    if not _is_numpy(xp):
+        return xp.empty(shape, dtype=dtype)
+    held = getattr(_local, name, None)
+    if held is None or held.size < size:
+        held = np.empty(max(size, 2**16), dtype=dtype)
+        setattr(_local, name, held)
+    return held[:size].reshape(shape)
+
+
 def _distances(xp: Any, data: Any, q: Any, pos: Any) -> Any:
     """float64 Euclidean distances (rows, m) of ``q`` (rows, d) to ``data[pos]``, ``pos``
     (rows, m) >= 0, from the difference vectors, in pieces of bounded scratch."""
     rows, m = pos.shape
+    dim = data.shape[1]
     out = xp.empty((rows, m), dtype=xp.float64)
-    cols = max(1, min(m, _RERANK_ELEMS // data.shape[1]))
-    step = max(1, _RERANK_ELEMS // (cols * data.shape[1]))
+    cols = max(1, min(m, _RERANK_ELEMS // dim))
+    step = max(1, _RERANK_ELEMS // (cols * dim))
     for r0 in range(0, rows, step):
         for c0 in range(0, m, cols):
             sel = pos[r0 : r0 + step, c0 : c0 + cols]
-            diff = xp.subtract(data[sel], q[r0 : r0 + step, None, :], dtype=xp.float64)
+            picked = _buffer(xp, "picked", (*sel.shape, dim), xp.float32)
+            xp.take(data, sel, axis=0, out=picked)
+            diff = _buffer(xp, "diff", picked.shape, xp.float64)
+            xp.subtract(picked, q[r0 : r0 + step, None, :], out=diff, dtype=xp.float64)
             out[r0 : r0 + step, c0 : c0 + cols] = xp.sqrt(xp.einsum("ijk,ijk->ij", diff, diff))
     return out
 
