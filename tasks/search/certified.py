@@ -476,7 +476,7 @@ def _all_rows(xp: Any, arr: Any, test: Any) -> bool:
     return all(bool(test(arr[s : s + _PIECE]).all()) for s in range(0, arr.shape[0], _PIECE))
 
 
-def _probe_rate(xp: Any, fmt: str, dim: int, rows: int = 128, cols: int = 3072) -> float:
+def _probe_rate(xp: Any, fmt: str, dim: int, rows: int = 256, cols: int = 4096) -> float:
     """GFLOP per CPU-second (NumPy) or per second (CuPy) of one format's engine on a probe
     block shaped like the search's (``rows`` queries x ``cols`` index rows x ``dim``)."""
     rng = np.random.default_rng(0)
