@@ -17,6 +17,7 @@ from tasks.search.certified import (
 from tasks.search.exact import exact_knn
 
 RTOL = 1e-6  # distances are measured in float64 and rounded once to float32
+ATOL = 1e-44  # ...where float32 is subnormal, that rounding is absolute (2^-149 apart)
 
 
 def reference(index: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -36,7 +37,9 @@ def assert_identical(dist: np.ndarray, pos: np.ndarray, full: np.ndarray, k: int
     assert dist.dtype == np.float32 and pos.dtype == np.int64
     bad = np.flatnonzero((pos != ref_pos).any(axis=1))
     assert bad.size == 0, f"rows {bad[:5]}: {pos[bad[:2]]} != {ref_pos[bad[:2]]}"
-    np.testing.assert_allclose(dist, np.take_along_axis(full, ref_pos, axis=1), rtol=RTOL, atol=0)
+    np.testing.assert_allclose(
+        dist, np.take_along_axis(full, ref_pos, axis=1), rtol=RTOL, atol=ATOL
+    )
 
 
 def adversarial(d: int, seed: int, signed: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -159,6 +162,25 @@ def test_near_ties_below_the_formats_resolution_are_ordered_exactly() -> None:
         assert pos[0].tolist() == [2, 1, 3], fmt
         np.testing.assert_allclose(dist[0], full[0, [2, 1, 3]], rtol=RTOL)
         assert stats.certified == 1
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_extreme_magnitudes_are_exact_without_warnings(fmt: str) -> None:
+    """Subnormal rows, zero rows and rows near float32's range: scores could overflow, so those
+    queries take the exact path (float64 where even float32 scores could overflow)."""
+    rng = np.random.default_rng(6)
+    index = np.abs(rng.standard_normal((300, 20))).astype(np.float32)
+    index[:30] *= np.float32(1e-41)  # subnormal
+    index[30:40] = 0
+    queries = np.concatenate([index[:3], index[35:37], np.abs(rng.standard_normal((4, 20)))])
+    queries = queries.astype(np.float32)
+    for top in (1.0, 3e35):
+        index[40:45] = np.abs(rng.standard_normal((5, 20))) * np.float32(top)
+        stats = CertifiedStats()
+        dist, pos = search_certified(prepare_certified(index, fmt), queries, 4, stats=stats)
+        assert_identical(dist, pos, reference(index, queries), 4)
+        assert (stats.fallback == len(queries)) == (top > 1), stats.as_dict()
 
 
 @pytest.mark.parametrize("fmt", ["int8", "bfloat16"])

@@ -217,6 +217,12 @@ def _is_numpy(xp: Any) -> bool:
     return xp is np
 
 
+def _overflow_is_handled() -> Any:
+    """Silence NumPy's overflow warnings where the code handles them: scores of vectors near
+    float32's range are flagged unsafe and those queries take the exact path."""
+    return np.errstate(over="ignore", invalid="ignore")
+
+
 def _round_up(x: Any, dim: int) -> Any:
     """A float64 norm computed with ``dim`` terms, rounded up past its rounding error."""
     return x * (1.0 + (dim + 8) * 2.0**-52)
@@ -251,12 +257,12 @@ def _reduce_rows(
     peak = xp.abs(a).max(axis=1) if a.shape[1] else xp.zeros(m, dtype=xp.float32)
     if fmt == "float16":
         exp = xp.floor(xp.log2(xp.where(peak > 0, peak, 1.0).astype(xp.float64)))
-        scale = xp.exp2(exp - _FP16_TOP).astype(xp.float32)
+        scale = xp.exp2(xp.maximum(exp - _FP16_TOP, -126)).astype(xp.float32)  # never 0
         return (a / scale[:, None]).astype(xp.float16), scale
     if fmt != "int8":
         raise ValueError(f"Expected a format in {FORMATS}, but fmt = {fmt!r}")
     span = 2 * top if unsigned else top
-    scale = xp.where(peak > 0, peak / span, 1.0).astype(xp.float32)
+    scale = xp.where(peak > 0, xp.maximum(peak / span, _TINY), 1.0).astype(xp.float32)
     levels = xp.clip(xp.rint(a / scale[:, None]), 0 if unsigned else -top, span)
     return levels.astype(xp.int16 if unsigned else xp.int8), scale
 
@@ -660,7 +666,8 @@ def prepare_certified(index: Any, fmt: str = "auto") -> CertifiedIndex:
         )
     else:
         raise ValueError(f"Expected fmt in {('auto', *FORMATS)}, but fmt = {fmt!r}")
-    return _prepare(xp, data, choice)
+    with _overflow_is_handled():
+        return _prepare(xp, data, choice)
 
 
 def _prepare(
@@ -927,12 +934,14 @@ def search_certified(
     certified = xp.zeros(n_queries, dtype=bool)
     n_cand = xp.zeros(n_queries, dtype=xp.int64)
     if n_queries:
-        _run_blocks(
-            prepared, q, k, min(block, n_queries), cap, distances, indices, certified, n_cand
-        )
+        with _overflow_is_handled():
+            _run_blocks(
+                prepared, q, k, min(block, n_queries), cap, distances, indices, certified, n_cand
+            )
     failed = xp.flatnonzero(~certified)
     if failed.size:
-        distances[failed], indices[failed] = _fallback(prepared, q[failed], k)
+        with _overflow_is_handled():
+            distances[failed], indices[failed] = _fallback(prepared, q[failed], k)
     if stats is not None:
         n_ok = int(certified.sum())
         stats.queries += n_queries
@@ -983,6 +992,10 @@ def _run_blocks(
     scratch = xp.empty((block, ix.n_index), dtype=ix.engine.out_dtype)
 
     def finish(qb: _QueryBlock, raw: Any, lo: int, hi: int, b0: int) -> None:
+        with _overflow_is_handled():  # NumPy's error state is per thread
+            finish_rows(qb, raw, lo, hi, b0)
+
+    def finish_rows(qb: _QueryBlock, raw: Any, lo: int, hi: int, b0: int) -> None:
         step = hi - lo if not _is_numpy(xp) else max(1, _ROW_BYTES_L2 // (4 * ix.n_index))
         for r0 in range(lo, hi, step):
             r1 = min(hi, r0 + step)
