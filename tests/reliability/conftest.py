@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tasks.storage import LOCK_FILE, TEMP_PREFIX
+from tasks.storage import LOCK_FILE, STAGING_DIR, TEMP_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
 VERIFIED = ".verified.json"  # the data cache's record of checked files
@@ -144,11 +144,12 @@ def wait_until(
 
 
 def snapshot(*folders: Path) -> dict[Path, str]:
-    """SHA-256 of every file under ``folders``, lock files aside."""
+    """SHA-256 of every file under ``folders``, lock files and the staging folder aside (the
+    product's own scratch space: what a run may resume from, not an output)."""
     files: dict[Path, str] = {}
     for folder in folders:
         for p in sorted(folder.rglob("*")):
-            if p.is_file() and p.name != LOCK_FILE:
+            if p.is_file() and p.name != LOCK_FILE and STAGING_DIR not in p.parts:
                 data = p.read_bytes()
                 files[p] = data.decode() if p.name == VERIFIED else hashlib.sha256(data).hexdigest()
     return files
@@ -165,7 +166,7 @@ def assert_unchanged(before: dict[Path, str], *folders: Path) -> None:
             assert all(new.get(k) == v for k, v in old.items()), f"{path} lost entries"
             continue
         assert after[path] == digest, f"{path} was changed"
-    leftovers = [p for p in after if p.name.startswith(TEMP_PREFIX)]
+    leftovers = [p for folder in folders for p in folder.rglob(f"{TEMP_PREFIX}*")]
     assert leftovers == [], f"temporary files left behind: {leftovers}"
 
 
