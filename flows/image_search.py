@@ -32,14 +32,14 @@ from flows.params import (
 )
 from flows.reporting import failed, quiet_user_errors, separate_folders, show_task_logs
 from tasks.compare import COMPARE_FILE, NEIGHBORS_FILE, compare, stages_of
-from tasks.errors import ImageSearchError
+from tasks.errors import ImageSearchError, TransientNetworkError
 from tasks.features.embed import FEATURES_DIR, embed
 from tasks.features.model import weights_identity
 from tasks.report.report import RESULTS_FILE, report
 from tasks.report.samples import SAMPLES_FILE, show
 from tasks.search.backends import choose_backends, validate_k
 from tasks.search.knn import knn
-from tasks.sources.resolve import download_task
+from tasks.sources.resolve import RETRIES, download_task
 from tasks.sources.stl10 import with_limit
 from tasks.split import SPLIT_FILE, check_split, split
 from tasks.storage import RunFolder, ensure_writable_dir, folder_lock
@@ -107,7 +107,11 @@ def _search(params: SearchParams) -> dict[str, str]:
         if moved := run.recover():
             print(f"finished putting the outputs of an interrupted run in place: {moved}")
         backends = choose_backends(params.backends)
-        dataset = with_limit(download_task()(params.source, params.data_dir), params.limit)
+        try:
+            fetched = download_task()(params.source, params.data_dir)
+        except TransientNetworkError as exc:  # still failing after every retry
+            raise ImageSearchError(f"{exc} Gave up after {RETRIES + 1} attempts.") from exc
+        dataset = with_limit(fetched, params.limit)
         # Configuration errors stop the run before anything is written.
         n_index, _ = check_split(dataset.rows, params.split_ratio)
         validate_k(params.k, n_index)
