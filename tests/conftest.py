@@ -10,6 +10,7 @@ import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
@@ -117,6 +118,30 @@ def fake_stl10() -> FakeStl10:
 def http_server() -> Iterator[MisbehavingServer]:
     with MisbehavingServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def random_resnet() -> Any:
+    """One ResNet50 with seeded random weights (seed 0) for every test that needs the model
+    itself rather than the building of it (a build takes seconds)."""
+    from tasks.features.model import build_model
+
+    return build_model("none", seed=0)
+
+
+@pytest.fixture
+def reuse_random_resnet(random_resnet: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the embed stage use the session's model for ``weights='none', seed=0``."""
+    import tasks.features.embed
+
+    original = tasks.features.embed.build_model
+
+    def build(weights: str, seed: int = 0, precision: str = "float32") -> Any:
+        if (weights, seed, precision) == ("none", 0, "float32"):
+            return random_resnet
+        return original(weights, seed, precision)
+
+    monkeypatch.setattr(tasks.features.embed, "build_model", build)
 
 
 @pytest.fixture(scope="session")

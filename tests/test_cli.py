@@ -251,6 +251,7 @@ def test_unreachable_api_is_named_with_its_setting(
 # -- the main job, with the pure functions' logs in the API ----------------------------------
 
 
+@pytest.mark.slow
 def test_main_job_on_sample_and_its_logs_in_the_api(tmp_path: Path, prefect_harness: None) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId

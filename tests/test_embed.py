@@ -33,9 +33,8 @@ from tests.conftest import pattern_images
 
 
 @pytest.fixture(scope="module")
-def forward() -> Callable[[np.ndarray], np.ndarray]:
-    model, _ = build_model("none", seed=0)
-    return make_forward(model)
+def forward(random_resnet: Any) -> Callable[[np.ndarray], np.ndarray]:
+    return make_forward(random_resnet[0])
 
 
 def fake_forward(calls: list[int]) -> Callable[[np.ndarray], np.ndarray]:
@@ -59,7 +58,7 @@ def test_forward_shapes_and_preprocessing(forward: Callable[[np.ndarray], np.nda
 
 
 @pytest.fixture
-def small_run(tmp_path: Path) -> tuple[DataRef, SplitRef, RunFolder]:
+def small_run(tmp_path: Path, reuse_random_resnet: None) -> tuple[DataRef, SplitRef, RunFolder]:
     """30 generated images split 24/6 into a run folder (split committed)."""
     data = tmp_path / "imgs.bin"
     data.write_bytes(to_stl10_bytes(pattern_images(30)))
@@ -206,8 +205,8 @@ def test_weights_path_missing_or_wrong_architecture(tmp_path: Path) -> None:
         build_model(str(path))
 
 
-def test_weights_file_round_trip(tmp_path: Path, forward: Any) -> None:
-    model, _ = build_model("none", seed=0)
+def test_weights_file_round_trip(tmp_path: Path, forward: Any, random_resnet: Any) -> None:
+    model, _ = random_resnet
     path = tmp_path / "resnet.weights.h5"
     model.save_weights(str(path))
     loaded, info = build_model(str(path))
@@ -264,10 +263,10 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
     assert pq.ParquetFile(tmp_path / "f.parquet").metadata.num_rows == 2000
 
 
-def test_random_weights_are_a_pure_function_of_the_seed() -> None:
-    a, _ = build_model("none", seed=3)
-    b, _ = build_model("none", seed=3)
-    c, _ = build_model("none", seed=4)
+def test_random_weights_are_a_pure_function_of_the_seed(random_resnet: Any) -> None:
+    a, _ = random_resnet  # built with seed 0 earlier in this process
+    b, _ = build_model("none", seed=0)
+    c, _ = build_model("none", seed=1)
     images = pattern_images(2)
     fa, fb, fc = (make_forward(m)(images) for m in (a, b, c))
     np.testing.assert_array_equal(fa, fb)

@@ -39,7 +39,9 @@ def artifact_keys(flow_run_id: UUID) -> set[str]:
     return {a.key for a in artifacts if a.key}
 
 
-def test_flow_on_sample_end_to_end_and_rerun_is_free(tmp_path: Path) -> None:
+def test_flow_on_sample_end_to_end_and_rerun_is_free(
+    tmp_path: Path, reuse_random_resnet: None
+) -> None:
     params = SearchParams(
         source="sample", weights="none", limit=300, out=str(tmp_path / "out"), batch_size=32
     )
@@ -136,7 +138,7 @@ def test_a_real_bug_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.Monk
     assert state.is_failed()
     with pytest.raises(KeyError, match="a bug, not a user error"):
         state.result()
-    logs = flow_run_logs(state.state_details.flow_run_id)
+    logs = flow_run_logs(state.state_details.flow_run_id, until="a bug, not a user error")
     assert any("Traceback" in log.message and "KeyError" in log.message for log in logs)
 
 

@@ -34,7 +34,8 @@ from tests.reliability.conftest import (
     snapshot,
 )
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+# Every case runs the real command line against a finished baseline run: slow by design.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 TAR = "/stl10/stl10_binary.tar.gz"
 OFFICIAL_MD5 = "91f7769df0f17e558f3565bffb0c7dfb"
