@@ -54,7 +54,11 @@ def test_help_lists_every_parameter_with_its_description(
     ("args", "message"),
     [
         (["--split-ratio", "1.5"], "--split-ratio = 1.5: Input should be less than 1"),
+        (["--split-ratio", "1"], "--split-ratio = 1: Input should be less than 1"),
+        (["--split-ratio", "0"], "--split-ratio = 0: Input should be greater than 0"),
+        (["--split-ratio", "-0.5"], "--split-ratio = -0.5: Input should be greater than 0"),
         (["--limit", "0"], "--limit = 0: Input should be greater than or equal to 1"),
+        (["--limit", "-5"], "--limit = -5: Input should be greater than or equal to 1"),
         (["--k", "0"], "--k = 0: Input should be greater than or equal to 1"),
         (
             ["--backends", "faiss,annoy"],
