@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -203,6 +204,7 @@ class BackendResult(BaseModel):
     load_seconds: float | None = None
     cores_used: float | None = None
     threads: dict[str, int] = {}
+    details: dict[str, Any] = {}
     speedup_search: float | None = None
     speedup_fit_search: float | None = None
     max_abs_error_vs_exact: float | None = None
@@ -268,6 +270,7 @@ def summarise(
                     "load_seconds": run.load_seconds,
                     "cores_used": run.cores_used,
                     "threads": run.threads,
+                    "details": run.details,
                     "speedup_search": _ratio(ref.search_seconds, run.search_seconds),
                     "speedup_fit_search": _ratio(
                         ref.fit_seconds + ref.search_seconds, run.fit_seconds + run.search_seconds

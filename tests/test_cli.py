@@ -62,7 +62,8 @@ def test_help_lists_every_parameter_with_its_description(
         (["--k", "0"], "--k = 0: Input should be greater than or equal to 1"),
         (
             ["--backends", "faiss,annoy"],
-            "--backends = annoy: Input should be 'cuml', 'sklearn', 'faiss' or 'numpy'",
+            "--backends = annoy: Input should be "
+            "'cuml', 'sklearn', 'faiss', 'numpy' or 'certified'",
         ),
         (["--limit", "many"], "--limit = many: Input should be a valid integer"),
         (["--precision", "fp8"], "--precision = fp8: Input should be 'float32' or 'bfloat16'"),

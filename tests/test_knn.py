@@ -65,7 +65,7 @@ def test_to_euclidean_converts_squared_distances() -> None:
     assert to_euclidean(sq).dtype == np.float32
 
 
-@pytest.mark.parametrize("name", ["sklearn", "faiss", "numpy"])
+@pytest.mark.parametrize("name", ["sklearn", "faiss", "numpy", "certified"])
 @pytest.mark.parametrize("k", [1, 3, 10])
 def test_cpu_backends_equal_float64_reference(name: str, k: int, tmp_path: Path) -> None:
     index = features(300, 64, seed=1)
@@ -132,7 +132,8 @@ def test_validate_k_message() -> None:
 
 def test_unknown_backend_and_default_choice() -> None:
     with pytest.raises(
-        ImageSearchError, match="Unknown backend 'annoy'; choose from cuml, faiss, numpy, sklearn"
+        ImageSearchError,
+        match="Unknown backend 'annoy'; choose from certified, cuml, faiss, numpy, sklearn",
     ):
         make_backend("annoy")
     assert choose_backends(["faiss", "sklearn"]) == ["sklearn", "faiss"]
@@ -142,7 +143,7 @@ def test_unknown_backend_and_default_choice() -> None:
         assert auto == ["sklearn", "cuml"]
     else:
         assert auto == ["sklearn", "cuml", "faiss"]
-    assert set(BACKENDS) == {"sklearn", "faiss", "numpy", "cuml"}
+    assert set(BACKENDS) == {"sklearn", "faiss", "numpy", "cuml", "certified"}
 
 
 def test_unavailable_backend_is_reported_not_fatal(tmp_path: Path) -> None:

@@ -106,7 +106,8 @@ def test_validation_errors_name_each_parameter_and_value() -> None:
         assert format_validation_error(caught.value) == (
             "invalid parameters:\n"
             "  --source = '': String should have at least 1 character\n"
-            "  --backends = annoy: Input should be 'cuml', 'sklearn', 'faiss' or 'numpy'\n"
+            "  --backends = annoy: Input should be "
+            "'cuml', 'sklearn', 'faiss', 'numpy' or 'certified'\n"
             "  --k = 0: Input should be greater than or equal to 1"
         )
     assert format_validation_error(caught.value).splitlines()[-1] == (

@@ -28,7 +28,7 @@ from tasks.storage import atomic_path
 REFERENCE = "sklearn"
 SKLEARN_WORKING_MEMORY_MIB = 256
 # The backends a run may ask for; the parameter model and the CLI read this one list.
-BackendName = Literal["cuml", "sklearn", "faiss", "numpy"]
+BackendName = Literal["cuml", "sklearn", "faiss", "numpy", "certified"]
 BACKEND_NAMES: tuple[str, ...] = typing.get_args(BackendName)
 
 
@@ -76,6 +76,10 @@ class Backend(ABC):
 
     def sync(self) -> None:  # noqa: B027 - a no-op for host backends, by design
         """Wait for queued device work, so clocks read after it measure it."""
+
+    def details(self) -> dict[str, Any]:
+        """What this backend chose at run time and how it went (recorded in compare.json)."""
+        return {}
 
     def threads(self) -> dict[str, int]:
         """Threads each native library of this backend is set to use."""
@@ -158,6 +162,37 @@ class NumpyBackend(Backend):
         return dist.astype(np.float32), pos.astype(np.int64)
 
 
+class CertifiedBackend(Backend):
+    """Exact search at reduced-precision speed: a reduced-precision candidate pass, an exact
+    float64 re-rank and a per-query proof that no other row can be among the k nearest (queries
+    whose proof fails take the exact path). The format is chosen at run time by measurement."""
+
+    name = "certified"
+
+    def fit(self, index: np.ndarray) -> None:
+        from tasks.search.certified import CertifiedStats, prepare_certified
+
+        self._prepared = prepare_certified(index)
+        self._stats = CertifiedStats()
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        from tasks.search.certified import CertifiedStats, search_certified
+
+        self._stats = CertifiedStats()  # the timed search's own counts, not the warm-up's
+        dist, pos = search_certified(self._prepared, queries, k, stats=self._stats)
+        return np.asarray(dist, dtype=np.float32), np.asarray(pos, dtype=np.int64)
+
+    def details(self) -> dict[str, Any]:
+        choice = self._prepared.choice
+        return {
+            "format": choice.fmt,
+            "engine": choice.engine,
+            "why": choice.reason,
+            "cpu": {flag: on for flag, on in choice.cpu.items() if on},
+            **self._stats.as_dict(),
+        }
+
+
 class CumlBackend(Backend):
     """cuML brute force on the GPU; features go from Parquet to the device through cuDF."""
 
@@ -216,6 +251,7 @@ BACKENDS: dict[str, Callable[[], Backend]] = {
     "faiss": FaissBackend,
     "numpy": NumpyBackend,
     "cuml": CumlBackend,
+    "certified": CertifiedBackend,
 }
 
 
@@ -262,6 +298,7 @@ class SearchRun(BaseModel):
     search_seconds: float = 0.0
     cores_used: float | None = None
     threads: dict[str, int] = {}
+    details: dict[str, Any] = {}
 
 
 def run_backend(
@@ -295,6 +332,7 @@ def run_backend(
         search_s = time.perf_counter() - t0
         cpu_s = time.process_time() - c0
         threads = backend.threads()
+        details = backend.details()
     neighbor_ids = index_ids[pos]
     with atomic_path(dest) as tmp, open(tmp, "wb") as f:
         np.savez(f, query_ids=query_ids, distances=dist, neighbor_ids=neighbor_ids)
@@ -310,4 +348,5 @@ def run_backend(
         search_seconds=search_s,
         cores_used=round(cpu_s / search_s, 2) if backend.device == "cpu" and search_s > 0 else None,
         threads=threads,
+        details=details,
     )
