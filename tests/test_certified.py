@@ -242,6 +242,26 @@ def resnet_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return index, queries, *exact_knn(index, queries, 3)
 
 
+def test_float32_prefilter_keeps_every_possible_neighbour() -> None:
+    """Candidates closer than float32 can tell apart all survive to the float64 re-rank."""
+    rng = np.random.default_rng(7)
+    d = 300
+    base = np.abs(rng.standard_normal((1, d))).astype(np.float32) * 40
+    index = np.repeat(base, 64, axis=0)
+    index[1::2, 0] = np.nextafter(index[1::2, 0], np.float32(np.inf))  # 1 ulp apart
+    index[40:] += np.abs(rng.standard_normal((24, d))).astype(np.float32)  # clearly farther
+    query = base + np.float32(0.25)
+    ix = prepare_certified(index, "float32")
+    cand = np.arange(64, dtype=np.int64)[None, :]
+    for k in (1, 5, 30):
+        kept_pos, width, kept = certified._prefilter(ix, query, cand, np.array([64]), k)
+        full = reference(index, query)[0]
+        must = np.flatnonzero(full <= np.sort(full)[k - 1])
+        assert set(must) <= set(kept_pos[0, : kept[0]].tolist()), k
+        assert kept[0] <= 40 and width >= k  # the clearly farther rows were dropped
+        assert (np.diff(kept_pos[0, : kept[0]]) > 0).all()  # positions stay ascending
+
+
 @pytest.mark.parametrize("fmt", ["int8", "bfloat16", "float16"])
 def test_resnet_like_features_are_certified(
     resnet_case: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], fmt: str

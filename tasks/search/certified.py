@@ -40,8 +40,9 @@ block has negative values. float16: a power of two that puts the row's largest e
    (``(2d + 16) max(1, G_max) 2^-126``, ``G_max`` the largest ``|G|`` a format can produce).
 3. *Reduced distance.* ``D~^2 = |q~ - x~|^2 = |q~|^2 + 2 tau``.
 4. *Triangle inequality.* ``D = |q - x| >= D~ - eps_q - e_x``.
-5. *Upper bound on the k-th distance.* Any ``k`` rows measured exactly give one: the k rows with
-   the lowest ``t``, measured in float64, have largest distance ``D^0 >= D_k``. Let
+5. *Upper bound on the k-th distance.* Any ``k`` rows measured exactly give one: k rows with
+   low ``t`` (the lowest, found from the minima of segments of 64 scores), measured in
+   float64, have largest distance ``D^0 >= D_k``. Let
    ``W = D^0 (1 + 4 delta) + eps_q`` where ``delta = (d + 4) 2^-52`` bounds the relative error
    of a float64 distance.
 6. *Threshold.* If ``t_x > theta_x = C_q + W e_x + g_x`` with
@@ -51,6 +52,11 @@ block has negative values. float16: a power of two that puts the row's largest e
    5. as measured again with the candidates: ``x`` cannot be in the top k, nor tie with the
    k-th. Every row with ``t_x <= theta_x`` is a candidate; all are measured in float64 and
    ordered by (distance, position).
+7. *Cheaper re-ranking.* Where there are many candidates, float32 difference vectors first
+   drop those provably beyond the k-th: their squared distances ``s`` satisfy
+   ``|s - D^2| <= gamma_{d+2} D^2 + eta`` (difference, square and sum each round; any order),
+   so a row with ``s (1 - gamma) - eta`` above the k-th smallest ``s (1 + 2 gamma) + eta``
+   (with step 5's float64 margin) cannot be in the top k nor tie the k-th.
 
 The certificate, "the exact k-th distance is strictly below every non-candidate's lower bound",
 thus holds by construction: a row whose score merely equals its threshold is a candidate, so
@@ -113,6 +119,7 @@ _FP16_TOP = 14  # float16 rows are scaled so their largest element lies in [2^14
 # the certificate's passes and re-ranking must be paid for out of the difference.
 MIN_SPEEDUP = 1.4
 _ARGMIN_MAX_K = 32  # as in tasks.search.exact: k argmin passes beat a partition up to here
+_SEGMENT = 64  # scores per segment when looking for k low ones in one pass
 _ROW_BYTES_L2 = 768 * 2**10  # score rows post-processed together (two 90,000-wide rows)
 _RERANK_ELEMS = 2**22  # float64 elements of difference vectors measured at once (32 MiB)
 _GPU_SCRATCH_BYTES = 2**30  # score scratch per query block on a GPU
@@ -782,6 +789,22 @@ def _scores(ix: CertifiedIndex, raw: Any, scale_q: Any) -> Any:
     return t
 
 
+def _low_k(xp: Any, t: Any, k: int) -> Any:
+    """Positions (rows, k) of ``k`` rows with low scores: any k rows bound the k-th distance
+    (step 5); the lower their scores, the tighter. One pass takes the minimum of each segment
+    of 64 scores; the k segments with the lowest minima hold the k lowest scores (of all but
+    the last ``n mod 64``), found there."""
+    rows, n = t.shape
+    n_seg = n // _SEGMENT
+    if n_seg < 4 * k:
+        return _lowest_k(xp, t, k)
+    mins = t[:, : n_seg * _SEGMENT].reshape(rows, n_seg, _SEGMENT).min(axis=2)
+    seg = xp.argpartition(mins, k - 1, axis=1)[:, :k]
+    cols = (seg[:, :, None] * _SEGMENT + xp.arange(_SEGMENT)).reshape(rows, k * _SEGMENT)
+    best = xp.argpartition(xp.take_along_axis(t, cols, axis=1), k - 1, axis=1)[:, :k]
+    return xp.take_along_axis(cols, best, axis=1)
+
+
 def _lowest_k(xp: Any, t: Any, k: int) -> Any:
     """Positions (rows, k) of ``k`` lowest scores per row; ``t`` is left as it was."""
     rows = t.shape[0]
@@ -810,7 +833,7 @@ def _certify_rows(
     """
     xp, b = ix.xp, ix.bound
     rows = t.shape[0]
-    first = _lowest_k(xp, t, k)
+    first = _low_k(xp, t, k)
     d0 = _distances(xp, ix.data, qb.q, first).max(axis=1)
     w = d0 * (1.0 + 4.0 * b.delta) + qb.eps
     qn2 = qb.reduced_norm**2
@@ -841,8 +864,12 @@ def _certify_rows(
     slot = xp.arange(r.shape[0]) - start[r]
     cand = xp.zeros((rows, width), dtype=xp.int64)
     cand[r, slot] = c  # ascending positions per row: nonzero() walks rows, then columns
+    if width > 2 * k:
+        cand, width, kept = _prefilter(ix, qb.q, cand, counts, k)
+    else:
+        kept = counts
     dist = _distances(xp, ix.data, qb.q, cand)
-    dist[xp.arange(width)[None, :] >= counts[:, None]] = xp.inf
+    dist[xp.arange(width)[None, :] >= kept[:, None]] = xp.inf
     order = xp.argsort(dist, axis=1, kind="stable")[:, :k]  # ties: lower position first
     pos = xp.take_along_axis(cand, order, axis=1)
     dist = xp.take_along_axis(dist, order, axis=1)
@@ -851,12 +878,61 @@ def _certify_rows(
     return dist, pos, ok, counts
 
 
-def _default_block(xp: Any, n_index: int) -> int:
+def _prefilter(ix: CertifiedIndex, q: Any, cand: Any, counts: Any, k: int) -> tuple[Any, int, Any]:
+    """Drop candidates that float32 difference vectors already prove to be farther than the
+    k-th: (candidates (rows, width'), width', kept per row), positions still ascending.
+
+    float32 squared distances ``s`` from difference vectors satisfy
+    ``|s - D^2| <= eps D^2 + eta`` (each difference, square and sum rounds once; any order:
+    ``eps = gamma_{d+2}`` at ``u_acc``; ``eta`` covers underflow). A row whose lower bound
+    ``s (1 - eps) - eta`` exceeds the k-th smallest upper bound ``s (1 + 2 eps) + eta`` (with
+    the float64 margin of step 6) cannot be among the k nearest nor tie the k-th.
+    """
+    xp = ix.xp
+    rows, width = cand.shape
+    dim = ix.dim
+    n = (dim + 2) * _U_ACC
+    eps = n / (1.0 - n)
+    eta = (dim + 3) * _TINY
+    valid = xp.arange(width)[None, :] < counts[:, None]
+    sq = _sq_distances32(xp, ix.data, q, cand).astype(xp.float64)
+    upper = xp.where(valid, sq * (1.0 + 2.0 * eps) + eta, xp.inf)
+    kth = xp.partition(upper, k - 1, axis=1)[:, k - 1] * (1.0 + 4.0 * ix.bound.delta)
+    keep = valid & (sq * (1.0 - eps) - eta <= kth[:, None])
+    r, s = xp.nonzero(keep)  # row-major: ascending positions per row are kept in order
+    kept = xp.bincount(r, minlength=rows)
+    width = max(int(kept.max()) if rows else 0, k)
+    start = xp.cumsum(kept) - kept
+    out = xp.zeros((rows, width), dtype=cand.dtype)
+    out[r, xp.arange(r.shape[0]) - start[r]] = cand[r, s]
+    return out, width, kept
+
+
+def _sq_distances32(xp: Any, data: Any, q: Any, pos: Any) -> Any:
+    """float32 squared Euclidean distances (rows, m) from float32 difference vectors."""
+    rows, m = pos.shape
+    dim = data.shape[1]
+    out = xp.empty((rows, m), dtype=xp.float32)
+    cols = max(1, min(m, _RERANK_ELEMS // dim))
+    step = max(1, _RERANK_ELEMS // (cols * dim))
+    for r0 in range(0, rows, step):
+        for c0 in range(0, m, cols):
+            sel = pos[r0 : r0 + step, c0 : c0 + cols]
+            picked = _buffer(xp, "picked", (*sel.shape, dim), xp.float32)
+            xp.take(data, sel, axis=0, out=picked)
+            picked -= q[r0 : r0 + step, None, :]
+            out[r0 : r0 + step, c0 : c0 + cols] = xp.einsum("ijk,ijk->ij", picked, picked)
+    return out
+
+
+def _default_block(xp: Any, n_index: int, fmt: str = "float32") -> int:
     """Queries per reduced GEMM: ~128 MiB of scores on the CPU (as the exact path), 1 GiB on
-    a GPU."""
-    if _is_numpy(xp):
-        return default_block(n_index)
-    return max(16, min(16384, _GPU_SCRATCH_BYTES // (4 * n_index)))
+    a GPU. int8 takes half: its product runs as fast on half the queries (measured), and the
+    scratch saved pays for the int8 copy's engine (onnxruntime) in memory."""
+    if not _is_numpy(xp):
+        return max(16, min(16384, _GPU_SCRATCH_BYTES // (4 * n_index)))
+    block = default_block(n_index)
+    return max(16, block // 32 * 16) if fmt == "int8" else block
 
 
 def _default_cap(n_index: int, k: int) -> int:
@@ -885,7 +961,8 @@ def search_certified(
     k : int
         ``1 <= k <= n_index``.
     block : int, optional
-        Queries per reduced GEMM (default: ~128 MiB of scores on the CPU, 1 GiB on a GPU).
+        Queries per reduced GEMM (default: ~128 MiB of scores on the CPU, 64 MiB for int8,
+        1 GiB on a GPU).
     max_candidates : int, optional
         Largest candidate set re-measured exactly before a query falls back to the exact path
         (default ``max(8k, n_index/64, 256)``).
@@ -918,7 +995,7 @@ def search_certified(
     if k > n_index:
         raise ValueError(f"Expected k <= n_index, but n_index = {n_index}, k = {k}")
     if block is None:
-        block = _default_block(xp, n_index)
+        block = _default_block(xp, n_index, prepared.fmt)
     elif isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
         raise ValueError(f"Expected block >= 1 (queries per block), but block = {block!r}")
     cap = _default_cap(n_index, k) if max_candidates is None else int(max_candidates)
