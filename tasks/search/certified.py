@@ -80,7 +80,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import operator
 import resource
 import threading
 import time
@@ -91,7 +90,7 @@ from typing import Any, Literal
 import numpy as np
 
 from tasks.hardware import cpu_count, cpu_features
-from tasks.search.exact import default_block
+from tasks.search.exact import check_search, default_block
 
 __all__ = [
     "FORMATS",
@@ -979,25 +978,9 @@ def search_certified(
     xp = prepared.xp
     q = _check_matrix(xp, queries, "queries")
     n_index, dim = prepared.n_index, prepared.dim
-    if q.shape[1] != dim:
-        raise ValueError(
-            f"Expected queries with the index's dimension, but index has d = {dim}, "
-            f"queries have d = {q.shape[1]}"
-        )
-    if isinstance(k, bool):
-        raise ValueError(f"Expected an integer k, but k = {k!r}")
-    try:
-        k = operator.index(k)
-    except TypeError:
-        raise ValueError(f"Expected an integer k, but k = {k!r}") from None
-    if k < 1:
-        raise ValueError(f"Expected k >= 1, but k = {k}")
-    if k > n_index:
-        raise ValueError(f"Expected k <= n_index, but n_index = {n_index}, k = {k}")
+    k = check_search(n_index, dim, q.shape[1], k, block)
     if block is None:
         block = _default_block(xp, n_index, prepared.fmt)
-    elif isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
-        raise ValueError(f"Expected block >= 1 (queries per block), but block = {block!r}")
     cap = _default_cap(n_index, k) if max_candidates is None else int(max_candidates)
     if cap < k:
         raise ValueError(

@@ -23,7 +23,7 @@ import numpy as np
 
 from tasks.hardware import cpu_count
 
-__all__ = ["PreparedIndex", "exact_knn", "prepare_index", "search_prepared"]
+__all__ = ["PreparedIndex", "check_search", "exact_knn", "prepare_index", "search_prepared"]
 
 # Scratch for one query block: block × n_index float32 scores. 128 MiB keeps the block at a few
 # hundred queries for 90,000 images, enough for GEMM to amortise packing the index.
@@ -85,6 +85,34 @@ def prepare_index(index: np.ndarray) -> PreparedIndex:
         raise ValueError(f"Expected a non-empty index, but index.shape = {data.shape}")
     half = np.einsum("ij,ij->i", data, data, dtype=np.float64) * 0.5
     return PreparedIndex(data=data, half_sq_norms=half.astype(np.float32))
+
+
+def check_search(n_index: int, dim: int, query_dim: int, k: object, block: object) -> int:
+    """Check a search's arguments the way scikit-learn words it; return ``k`` as an int.
+
+    Shared by every exact search kernel. Raises ValueError naming the value and the bound.
+    """
+    if query_dim != dim:
+        raise ValueError(
+            f"Expected queries with the index's dimension, but index has d = {dim}, "
+            f"queries have d = {query_dim}"
+        )
+    if isinstance(k, bool):
+        raise ValueError(f"Expected an integer k, but k = {k!r}")
+    try:
+        k = operator.index(k)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"Expected an integer k, but k = {k!r}") from None
+    assert isinstance(k, int)
+    if k < 1:
+        raise ValueError(f"Expected k >= 1, but k = {k}")
+    if k > n_index:
+        raise ValueError(f"Expected k <= n_index, but n_index = {n_index}, k = {k}")
+    if block is not None and (
+        isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1
+    ):
+        raise ValueError(f"Expected block >= 1 (queries per block), but block = {block!r}")
+    return k
 
 
 def default_block(n_index: int) -> int:
@@ -188,26 +216,10 @@ def search_prepared(
         Row positions into the index; equal distances are ordered by lower position.
     """
     q = _as_matrix(queries, "queries")
-    n_index, dim = prepared.n_index, prepared.dim
-    if q.shape[1] != dim:
-        raise ValueError(
-            f"Expected queries with the index's dimension, but index has d = {dim}, "
-            f"queries have d = {q.shape[1]}"
-        )
-    if isinstance(k, bool):
-        raise ValueError(f"Expected an integer k, but k = {k!r}")
-    try:
-        k = operator.index(k)
-    except TypeError:
-        raise ValueError(f"Expected an integer k, but k = {k!r}") from None
-    if k < 1:
-        raise ValueError(f"Expected k >= 1, but k = {k}")
-    if k > n_index:
-        raise ValueError(f"Expected k <= n_index, but n_index = {n_index}, k = {k}")
+    n_index = prepared.n_index
+    k = check_search(n_index, prepared.dim, q.shape[1], k, block)
     if block is None:
         block = default_block(n_index)
-    elif isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
-        raise ValueError(f"Expected block >= 1 (queries per block), but block = {block!r}")
 
     n_queries = q.shape[0]
     distances = np.empty((n_queries, k), dtype=np.float32)
