@@ -25,6 +25,7 @@ from benchmarks.search import (
     agreement,
     make_features,
     reference_check,
+    resource_columns,
     write_features,
 )
 from tasks.search.backends import Backend, run_backend
@@ -218,15 +219,7 @@ def _summarise(
                 if exact in cpu_s
                 else "",
                 "fit s": round(statistics.median(r["fit_s"] for r in rs), 2),
-                "cores busy": round(statistics.median(r.get("cores_busy") or 0 for r in rs), 2),
-                "peak RSS MiB": round(max(r["peak_rss_mib"] for r in rs), 1),
-                "above data MiB": round(
-                    max(r["peak_rss_mib"] - r.get("rss_loaded_mib", 0) for r in rs), 1
-                ),
-                "equal to float64 except ties": "-"
-                if not c
-                else f"{c['equal_except_ties']} ({c['differing_not_ties']} non-tie diffs, "
-                f"max |Δd| {c['max_abs_distance_error']:.1e})",
+                **resource_columns(rs, c),
             }
             if backend == "certified":
                 st = [r["stats"] for r in rs]

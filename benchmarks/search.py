@@ -214,6 +214,19 @@ def _brief(res: dict[str, Any]) -> str:
     return f"search {res['search_s']:.2f} s{busy}"
 
 
+def resource_columns(rs: list[dict[str, Any]], check: dict[str, Any]) -> dict[str, Any]:
+    """The table columns every search case shares: cores, memory, and the float64 check."""
+    return {
+        "cores busy": round(statistics.median(r.get("cores_busy") or 0 for r in rs), 2),
+        "peak RSS MiB": round(max(r["peak_rss_mib"] for r in rs), 1),
+        "above data MiB": round(max(r["peak_rss_mib"] - r.get("rss_loaded_mib", 0) for r in rs), 1),
+        "equal to float64 except ties": "-"
+        if not check
+        else f"{check['equal_except_ties']} ({check['differing_not_ties']} non-tie diffs, "
+        f"max |Δd| {check['max_abs_distance_error']:.1e})",
+    }
+
+
 def _threads(res: dict[str, Any]) -> str:
     parts = [f"{pool}={n}" for pool, n in res.get("threads", {}).items()]
     if "device" in res:
@@ -253,16 +266,8 @@ def _summarise(
                 "GFLOP per CPU-s": round(cpu_rate.get(backend, float("nan")), 1),
                 "vs GEMM": round(med["gemm"] / med[backend], 3),
                 "fit s": round(statistics.median(r["fit_s"] for r in rs), 3),
-                "cores busy": round(statistics.median(r.get("cores_busy") or 0 for r in rs), 2),
                 "threads set": _threads(rs[-1]),
-                "peak RSS MiB": round(max(r["peak_rss_mib"] for r in rs), 1),
-                "above data MiB": round(
-                    max(r["peak_rss_mib"] - r.get("rss_loaded_mib", 0) for r in rs), 1
-                ),
-                "equal to float64 except ties": "-"
-                if not c
-                else f"{c['equal_except_ties']} ({c['differing_not_ties']} non-tie diffs, "
-                f"max |Δd| {c['max_abs_distance_error']:.1e})",
+                **resource_columns(rs, c),
             }
         )
     vs_gemm = med["gemm"] / med["numpy"]

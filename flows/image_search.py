@@ -34,7 +34,7 @@ from flows.reporting import failed, quiet_user_errors, separate_folders, show_ta
 from tasks.compare import COMPARE_FILE, NEIGHBORS_FILE, compare, stages_of
 from tasks.errors import ImageSearchError, TransientNetworkError
 from tasks.features.embed import FEATURES_DIR, embed
-from tasks.features.model import weights_identity
+from tasks.features.model import weights_path
 from tasks.report.report import RESULTS_FILE, report
 from tasks.report.samples import SAMPLES_FILE, show
 from tasks.search.backends import choose_backends, validate_k
@@ -115,7 +115,7 @@ def _search(params: SearchParams) -> dict[str, str]:
         # Configuration errors stop the run before anything is written.
         n_index, _ = check_split(dataset.rows, params.split_ratio)
         validate_k(params.k, n_index)
-        weights_identity(params.weights)
+        weights_path(params.weights)  # a missing file stops the run before any write
         # Every stage writes into the staging area; the outputs in place change only below.
         show(dataset, out, params.n_show, params.seed)
         split_ref = split(dataset, out, params.split_ratio, params.seed)

@@ -83,6 +83,7 @@ import itertools
 import resource
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -758,22 +759,30 @@ def _buffer(xp: Any, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
     return held[:size].reshape(shape)
 
 
-def _distances(xp: Any, data: Any, q: Any, pos: Any) -> Any:
-    """float64 Euclidean distances (rows, m) of ``q`` (rows, d) to ``data[pos]``, ``pos``
-    (rows, m) >= 0, from the difference vectors, in pieces of bounded scratch."""
+def _gathered(xp: Any, data: Any, pos: Any) -> Iterator[tuple[slice, slice, Any]]:
+    """Yield (rows slice, cols slice, ``data[pos[rows, cols]]`` as float32 (r, c, d)) over
+    ``pos`` (rows, m) in pieces whose scratch stays within ``_RERANK_ELEMS`` elements."""
     rows, m = pos.shape
     dim = data.shape[1]
-    out = xp.empty((rows, m), dtype=xp.float64)
     cols = max(1, min(m, _RERANK_ELEMS // dim))
     step = max(1, _RERANK_ELEMS // (cols * dim))
     for r0 in range(0, rows, step):
         for c0 in range(0, m, cols):
-            sel = pos[r0 : r0 + step, c0 : c0 + cols]
+            r, c = slice(r0, r0 + step), slice(c0, c0 + cols)
+            sel = pos[r, c]
             picked = _buffer(xp, "picked", (*sel.shape, dim), xp.float32)
             xp.take(data, sel, axis=0, out=picked)
-            diff = _buffer(xp, "diff", picked.shape, xp.float64)
-            xp.subtract(picked, q[r0 : r0 + step, None, :], out=diff, dtype=xp.float64)
-            out[r0 : r0 + step, c0 : c0 + cols] = xp.sqrt(xp.einsum("ijk,ijk->ij", diff, diff))
+            yield r, c, picked
+
+
+def _distances(xp: Any, data: Any, q: Any, pos: Any) -> Any:
+    """float64 Euclidean distances (rows, m) of ``q`` (rows, d) to ``data[pos]``, ``pos``
+    (rows, m) >= 0, from the difference vectors, in pieces of bounded scratch."""
+    out = xp.empty(pos.shape, dtype=xp.float64)
+    for r, c, picked in _gathered(xp, data, pos):
+        diff = _buffer(xp, "diff", picked.shape, xp.float64)
+        xp.subtract(picked, q[r, None, :], out=diff, dtype=xp.float64)
+        out[r, c] = xp.sqrt(xp.einsum("ijk,ijk->ij", diff, diff))
     return out
 
 
@@ -909,18 +918,10 @@ def _prefilter(ix: CertifiedIndex, q: Any, cand: Any, counts: Any, k: int) -> tu
 
 def _sq_distances32(xp: Any, data: Any, q: Any, pos: Any) -> Any:
     """float32 squared Euclidean distances (rows, m) from float32 difference vectors."""
-    rows, m = pos.shape
-    dim = data.shape[1]
-    out = xp.empty((rows, m), dtype=xp.float32)
-    cols = max(1, min(m, _RERANK_ELEMS // dim))
-    step = max(1, _RERANK_ELEMS // (cols * dim))
-    for r0 in range(0, rows, step):
-        for c0 in range(0, m, cols):
-            sel = pos[r0 : r0 + step, c0 : c0 + cols]
-            picked = _buffer(xp, "picked", (*sel.shape, dim), xp.float32)
-            xp.take(data, sel, axis=0, out=picked)
-            picked -= q[r0 : r0 + step, None, :]
-            out[r0 : r0 + step, c0 : c0 + cols] = xp.einsum("ijk,ijk->ij", picked, picked)
+    out = xp.empty(pos.shape, dtype=xp.float32)
+    for r, c, picked in _gathered(xp, data, pos):
+        picked -= q[r, None, :]
+        out[r, c] = xp.einsum("ijk,ijk->ij", picked, picked)
     return out
 
 
