@@ -17,8 +17,10 @@ from flows.params import (
     BatchSize,
     DataDir,
     GpuMemoryFraction,
+    InputSize,
     K,
     Limit,
+    MaxErrorRate,
     NResults,
     NShow,
     Out,
@@ -31,14 +33,21 @@ from flows.params import (
     Weights,
 )
 from flows.reporting import failed, quiet_user_errors, separate_folders, show_task_logs
+from tasks.catalog import CATALOG_FILE, ERRORS_FILE, check_error_rate
 from tasks.compare import COMPARE_FILE, NEIGHBORS_FILE, compare, stages_of
 from tasks.errors import ImageSearchError, TransientNetworkError
-from tasks.features.embed import FEATURES_DIR, embed
+from tasks.features.embed import FEATURES_DIR, ModelSpec, catalog, check_input_size, embed
 from tasks.features.model import weights_path
 from tasks.report.report import RESULTS_FILE, report
 from tasks.report.samples import SAMPLES_FILE, show
 from tasks.search.backends import choose_backends, validate_k
 from tasks.search.knn import knn
+from tasks.sources.collection import (
+    Collection,
+    Stl10Collection,
+    is_collection_source,
+    open_collection,
+)
 from tasks.sources.resolve import RETRIES, download_task
 from tasks.sources.stl10 import with_limit
 from tasks.split import SPLIT_FILE, check_split, split
@@ -57,13 +66,16 @@ def image_search(
     weights: Weights = DEFAULTS.weights,
     batch_size: BatchSize = DEFAULTS.batch_size,
     precision: Precision = DEFAULTS.precision,
+    input_size: InputSize = DEFAULTS.input_size,
+    max_error_rate: MaxErrorRate = DEFAULTS.max_error_rate,
     gpu_memory_fraction: GpuMemoryFraction = DEFAULTS.gpu_memory_fraction,
     backends: Backends = DEFAULTS.backends,
     k: K = DEFAULTS.k,
     tolerance: Tolerance = DEFAULTS.tolerance,
     n_results: NResults = DEFAULTS.n_results,
 ) -> dict[str, str] | State:
-    """Embed STL-10 images with ResNet50, search neighbours on GPU and CPU, prove they agree.
+    """Index a collection (your images or STL-10) with ResNet50, search neighbours on GPU and
+    CPU, prove they agree, and measure the search where labels exist.
 
     Every parameter is its own typed field (bounds and descriptions from ``flows.params``), so
     a deployment run overrides one and keeps the rest. Returns the paths of the outputs, keyed
@@ -83,6 +95,8 @@ def image_search(
             weights=weights,
             batch_size=batch_size,
             precision=precision,
+            input_size=input_size,
+            max_error_rate=max_error_rate,
             gpu_memory_fraction=gpu_memory_fraction,
             backends=backends,
             k=k,
@@ -93,6 +107,18 @@ def image_search(
         return _search(params)
     except (ImageSearchError, ValidationError) as exc:
         return failed(exc)
+
+
+def resolve_collection(params: SearchParams, out_dir: Path) -> Collection:
+    """The collection ``params.source`` names: your images, or STL-10 (downloaded, verified)."""
+    if is_collection_source(params.source):
+        return open_collection(params.source, skip=[str(out_dir)], limit=params.limit)
+    try:
+        fetched = download_task()(params.source, params.data_dir)
+    except TransientNetworkError as exc:  # still failing after every retry
+        raise ImageSearchError(f"{exc} Gave up after {RETRIES + 1} attempts.") from exc
+    dataset = with_limit(fetched, params.limit)
+    return Stl10Collection(dataset.uri, dataset.rows)
 
 
 def _search(params: SearchParams) -> dict[str, str]:
@@ -107,38 +133,40 @@ def _search(params: SearchParams) -> dict[str, str]:
         if moved := run.recover():
             print(f"finished putting the outputs of an interrupted run in place: {moved}")
         backends = choose_backends(params.backends)
-        try:
-            fetched = download_task()(params.source, params.data_dir)
-        except TransientNetworkError as exc:  # still failing after every retry
-            raise ImageSearchError(f"{exc} Gave up after {RETRIES + 1} attempts.") from exc
-        dataset = with_limit(fetched, params.limit)
-        # Configuration errors stop the run before anything is written.
-        n_index, _ = check_split(dataset.rows, params.split_ratio)
-        validate_k(params.k, n_index)
+        collection = resolve_collection(params, out_dir)
+        spec = ModelSpec(
+            weights=params.weights,
+            seed=params.seed,
+            precision=params.precision,
+            input_size=check_input_size(params.input_size),
+            gpu_memory_fraction=params.gpu_memory_fraction,
+        )
         weights_path(params.weights)  # a missing file stops the run before any write
         # Every stage writes into the staging area; the outputs in place change only below.
-        show(dataset, out, params.n_show, params.seed)
-        split_ref = split(dataset, out, params.split_ratio, params.seed)
-        features = embed(
-            dataset,
-            split_ref,
-            out,
-            params.weights,
-            params.batch_size,
-            params.seed,
-            params.precision,
-            params.gpu_memory_fraction,
-        )
+        catalog_ref = catalog(collection, out, spec, params.batch_size)
+        try:
+            check_error_rate(catalog_ref, params.max_error_rate)
+        except ImageSearchError:
+            run.commit(["catalog"])  # keep errors.parquet where the message says it is
+            raise
+        # Configuration errors stop the run before anything else is written.
+        n_index, _ = check_split(catalog_ref.rows, params.split_ratio)
+        validate_k(params.k, n_index)
+        show(catalog_ref, out, params.n_show, params.seed)
+        split_ref = split(catalog_ref, out, params.split_ratio, params.seed)
+        features = embed(catalog_ref, split_ref, out, spec)
         # Backends run one after another: each gets every core, so the timings are honest.
         runs = [knn(features, out, name, params.k) for name in backends]
         summary = compare(runs, features, out, params.tolerance)
-        report(summary, runs, features, dataset, out, params.n_results, params.seed)
+        report(summary, runs, features, catalog_ref, out, params.n_results, params.seed)
         # The new outputs replace the old ones as one set, even when the verdict is a failure:
         # compare.json then says why.
-        run.commit(["samples", "split", "embed", *stages_of(runs), "compare", "results"])
+        run.commit(["catalog", "samples", "split", "embed", *stages_of(runs), "compare", "results"])
     if not summary.passed:
         raise ImageSearchError(f"{summary.failure} See {out_dir / COMPARE_FILE}.")
     return {
+        "catalog": str(out_dir / CATALOG_FILE),
+        "errors": str(out_dir / ERRORS_FILE),
         "samples": str(out_dir / SAMPLES_FILE),
         "split": str(out_dir / SPLIT_FILE),
         "features": str(out_dir / FEATURES_DIR),

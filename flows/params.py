@@ -66,9 +66,11 @@ NoneWord = BeforeValidator(_none_word)
 Source = Annotated[
     str,
     _param(
-        "Where the images come from: the official STL-10 URL (default), any http(s):// or "
-        "file:// mirror of stl10_binary.tar.gz, a local tarball, a folder holding "
-        "unlabeled_X.bin, or 'sample' for the built-in offline sample.",
+        "Where the images come from. Your own images: a folder (searched recursively; "
+        "s3:// and gs:// folders too), a tar/zip archive, or a .parquet/.csv list of paths or "
+        "URLs. STL-10: the official URL (default), any http(s):// or file:// mirror of "
+        "stl10_binary.tar.gz, a local tarball, a folder holding unlabeled_X.bin, or 'sample' "
+        "for the built-in offline sample.",
         min_length=1,
     ),
 ]
@@ -133,6 +135,24 @@ Backends = Annotated[
     ),
     NoneWord,
 ]
+InputSize = Annotated[
+    int,
+    _param(
+        "Model input size in pixels: images are resized (short side) and centre-cropped to "
+        "this square. 96 matches STL-10; 224 suits photos.",
+        ge=32,
+        le=1024,
+    ),
+]
+MaxErrorRate = Annotated[
+    float,
+    _param(
+        "Largest share of images that may fail to load (listed in errors.parquet) before the "
+        "run stops.",
+        ge=0,
+        le=1,
+    ),
+]
 K = Annotated[int, _param("Neighbours per query.", ge=1, le=1000)]
 Tolerance = Annotated[
     float, _param("Largest absolute distance deviation from scikit-learn that still passes.", gt=0)
@@ -157,6 +177,8 @@ class SearchParams(BaseModel):
     weights: Weights = "imagenet"
     batch_size: BatchSize = 128
     precision: Precision = "float32"
+    input_size: InputSize = 96
+    max_error_rate: MaxErrorRate = 0.05
     gpu_memory_fraction: GpuMemoryFraction = None
     backends: Backends = None
     k: K = 3

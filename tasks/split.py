@@ -33,14 +33,16 @@ def check_split(n: int, ratio: float) -> tuple[int, int]:
     return n_index, n_query
 
 
-def split_ids(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffle ``range(n)`` with ``seed``; the first ``round(n * ratio)`` form the index.
+def split_ids(ids: np.ndarray | int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle image ``ids`` ((n,) int64, sorted; an int n means ``range(n)``) with ``seed``;
+    the first ``round(n * ratio)`` form the index.
 
     Returns (index_ids, query_ids), each int64 and sorted so reads follow the file order.
     """
-    n_index, _ = check_split(n, ratio)
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[:n_index]).astype(np.int64), np.sort(perm[n_index:]).astype(np.int64)
+    ids = np.arange(ids, dtype=np.int64) if isinstance(ids, int) else np.asarray(ids, np.int64)
+    n_index, _ = check_split(len(ids), ratio)
+    perm = ids[np.random.default_rng(seed).permutation(len(ids))]
+    return np.sort(perm[:n_index]), np.sort(perm[n_index:])
 
 
 def write_split(path: Path, index_ids: np.ndarray, query_ids: np.ndarray) -> None:
@@ -87,25 +89,35 @@ class SplitRef(DataRef):
     n_query: int
 
 
-def split_dataset(dataset: DataRef, run: RunFolder, ratio: float, seed: int) -> SplitRef:
-    """Split ``dataset`` into ``split.parquet`` unless the same split is already there."""
-    index_ids, query_ids = split_ids(dataset.rows, ratio, seed)
+def catalog_ids(catalog: DataRef) -> np.ndarray:
+    """The sorted image ids (n,) int64 of a catalog file."""
+    try:
+        ids = pq.read_table(catalog.uri, columns=["image_id"]).column("image_id").to_numpy()
+    except (OSError, pa.ArrowInvalid, KeyError) as exc:
+        raise ImageSearchError(f"Cannot read {catalog.uri} ({exc}); run again.") from exc
+    return np.sort(ids).astype(np.int64)
+
+
+def split_dataset(catalog: DataRef, run: RunFolder, ratio: float, seed: int) -> SplitRef:
+    """Split the catalog's images into ``split.parquet`` unless the same split is there."""
     stage = run.stage(
-        "split", [dataset.fingerprint, dataset.rows, ratio, seed], [SPLIT_FILE], ["tasks.split"]
+        "split", [catalog.fingerprint, catalog.rows, ratio, seed], [SPLIT_FILE], ["tasks.split"]
     )
     if stage.done() is None:
+        index_ids, query_ids = split_ids(catalog_ids(catalog), ratio, seed)
         write_split(stage.path(SPLIT_FILE), index_ids, query_ids)
-        stage.finish()
+        stage.finish(n_index=len(index_ids), n_query=len(query_ids))
+    done = stage.info or {}
     return SplitRef(
         uri=str(stage.path(SPLIT_FILE)),
-        rows=dataset.rows,
+        rows=catalog.rows,
         fingerprint=stage.digest(),
-        n_index=len(index_ids),
-        n_query=len(query_ids),
+        n_index=int(done.get("n_index", 0)),
+        n_query=int(done.get("n_query", 0)),
     )
 
 
 @task(cache_policy=NO_CACHE)
-def split(dataset: DataRef, out: str, ratio: float, seed: int) -> SplitRef:
+def split(catalog: DataRef, out: str, ratio: float, seed: int) -> SplitRef:
     """Prefect task: the index/query split as a reference to ``split.parquet``."""
-    return split_dataset(dataset, RunFolder(Path(out)), ratio, seed)
+    return split_dataset(catalog, RunFolder(Path(out)), ratio, seed)

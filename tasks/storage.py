@@ -36,6 +36,7 @@ TEMP_PREFIX = ".image-search-tmp."  # every temporary file the product writes st
 LOCK_FILE = ".image-search.lock"
 STATE_DIR = ".state"
 STAGING_DIR = ".staging"
+EMBEDDINGS_DIR = ".embeddings"  # the content-addressed embedding store, one folder per model
 JOURNAL = ".commit.json"
 HASH_CHUNK = 1 << 22
 
@@ -348,6 +349,8 @@ class RunFolder:
         """Remove temporary files of killed runs from the folders this product writes."""
         ours = [self.out, self.out / STATE_DIR]
         ours += [p for p in self.out.iterdir() if p.is_dir() and p.name in OUTPUT_SUBDIRS]
+        store = self.out / EMBEDDINGS_DIR
+        ours += [p for p in store.iterdir() if p.is_dir()] if store.is_dir() else []
         return remove_orphan_temps(ours) + remove_orphan_temps([self.staging], recursive=True)
 
     def recover(self) -> list[str]:

@@ -1,34 +1,49 @@
-"""The embed stage: stream batches of images from the memory map through the compiled forward
-pass into part files, merge them into ``features/index.parquet`` and ``features/query.parquet``.
-Memory stays flat however many images there are."""
+"""The embedding stages.
+
+``catalog``: list the collection, hash every image and embed each content the store lacks
+(see :mod:`tasks.catalog` and :mod:`tasks.features.content`). ``embed``: gather the embeddings
+of the split's index and query images from the store into ``features/index.parquet`` and
+``features/query.parquet`` (row group by row group, so memory stays flat).
+"""
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from tqdm import tqdm
 
+from tasks.catalog import (
+    CATALOG_FILE,
+    ERRORS_FILE,
+    CatalogRef,
+    build_catalog,
+    digests_of,
+    read_catalog,
+    write_catalog,
+    write_errors,
+)
+from tasks.errors import ImageSearchError
 from tasks.features import store
+from tasks.features.content import EmbeddingStore, model_key
 from tasks.features.model import (
     DIM,
+    MIN_INPUT_SIZE,
     build_model,
     configure_gpu_memory,
     make_forward,
     weights_identity,
 )
 from tasks.report import artifact_key
-from tasks.sources.stl10 import read_all_images, release_pages
+from tasks.sources.collection import Collection
 from tasks.split import SplitRef, read_split
 from tasks.storage import DataRef, RunFolder
 
@@ -36,6 +51,7 @@ log = logging.getLogger(__name__)
 
 FEATURES_DIR = "features"
 OUTPUTS = {"index": f"{FEATURES_DIR}/index.parquet", "query": f"{FEATURES_DIR}/query.parquet"}
+MAX_INPUT_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -48,91 +64,160 @@ class Features:
     device: str
 
 
-def read_batch(images: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Gather ``images[ids]`` from the memory map as one contiguous (B, 96, 96, 3) uint8 batch.
+@dataclass(frozen=True)
+class ModelSpec:
+    """What decides an embedding: weights, seed (random weights), arithmetic, input size."""
 
-    Fancy indexing touches only the requested images; ``np.take`` on the transposed map would
-    first copy the whole file into memory.
-    """
-    return np.ascontiguousarray(images[ids])
+    weights: str
+    seed: int = 0
+    precision: str = "float32"
+    input_size: int = 96
+    gpu_memory_fraction: float | None = None
 
-
-def _batches(ids: np.ndarray, size: int) -> Iterator[np.ndarray]:
-    for start in range(0, len(ids), size):
-        yield ids[start : start + size]
-
-
-def embed_split(
-    images: np.ndarray,
-    ids: np.ndarray,
-    forward: Callable[[np.ndarray], np.ndarray],
-    dest: Path,
-    key: str,
-    metadata: dict[str, Any],
-    batch_size: int,
-    progress: bool = True,
-) -> Path:
-    """Embed ``images[ids]`` into ``dest`` (resuming from finished parts), then merge the parts.
-
-    images: (N, 96, 96, 3) uint8 memory map; ids: (n,) int64 sorted image ids.
-    """
-    rows_per_part = store.ROWS_PER_PART
-    parts = store.parts_dir(dest, key)
-    store.drop_stale_parts(dest, parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    n_parts = -(-len(ids) // rows_per_part)
-    todo = [p for p in range(n_parts) if not store.part_path(parts, p).exists()]
-    done_rows = sum(
-        min(rows_per_part, len(ids) - p * rows_per_part) for p in range(n_parts) if p not in todo
-    )
-    bar = tqdm(
-        total=len(ids),
-        initial=done_rows,
-        unit="img",
-        desc=f"embed {dest.stem}",
-        disable=not progress,
-    )
-    with bar, ThreadPoolExecutor(max_workers=1) as reader:
-        for p in todo:
-            part_ids = ids[p * rows_per_part : (p + 1) * rows_per_part]
-            chunks = list(_batches(part_ids, batch_size))
-            out = np.empty((len(part_ids), DIM), dtype=np.float32)
-            # Read the next batch from the memory map while the current one runs forward.
-            pending = reader.submit(read_batch, images, chunks[0])
-            row = 0
-            for i, chunk in enumerate(chunks):
-                batch = pending.result()
-                if i + 1 < len(chunks):
-                    pending = reader.submit(read_batch, images, chunks[i + 1])
-                out[row : row + len(chunk)] = forward(batch)
-                row += len(chunk)
-                bar.update(len(chunk))
-            store.write_part(store.table(part_ids, out), store.part_path(parts, p))
-            # Pages read from the map count as this process's memory until released; drop
-            # them per part so resident memory stays flat however large the file is.
-            release_pages(images)
-    store.merge_parts(parts, n_parts, dest, {**metadata, "key": key, "rows": len(ids)})
-    shutil.rmtree(parts, ignore_errors=True)
-    return dest
+    def key(self) -> str:
+        """The embedding store's key for this model (weights by content)."""
+        return model_key(weights_identity(self.weights), self.seed, self.precision, self.input_size)
 
 
-def extract_features(
-    dataset: DataRef,
-    split: SplitRef,
+def check_input_size(size: int) -> int:
+    """The model input size, checked: ResNet50 needs at least 32 pixels."""
+    if not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE:
+        raise ImageSearchError(
+            f"input_size = {size}; use {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE} pixels (96 matches "
+            f"STL-10, 224 suits photos)."
+        )
+    return size
+
+
+def forward_factory(
+    spec: ModelSpec, metadata: dict[str, Any]
+) -> Callable[[], Callable[[np.ndarray], np.ndarray]]:
+    """A function that builds the model on first call (a pass with nothing new builds none) and
+    records its metadata into ``metadata``."""
+
+    def make() -> Callable[[np.ndarray], np.ndarray]:
+        device = configure_gpu_memory(spec.gpu_memory_fraction)
+        model, info = build_model(spec.weights, spec.seed, spec.precision)
+        metadata.update(info.metadata(spec.input_size), device=device)
+        log.info("embedding with ResNet50 (%s weights) on %s", info.weights, device)
+        return make_forward(model)
+
+    return make
+
+
+def listing_fingerprint(items: Iterable[Any]) -> str:
+    """Content of a listing (URIs, versions, labels) as one fingerprint."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for item in items:
+        h.update(f"{item.uri}\0{item.version}\0{item.label}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def catalog_collection(
+    collection: Collection,
     run: RunFolder,
+    spec: ModelSpec,
     *,
-    weights: str,
     batch_size: int,
-    seed: int = 0,
-    precision: str = "float32",
-    gpu_memory_fraction: float | None = None,
     progress: bool = True,
+) -> CatalogRef:
+    """``catalog.parquet`` and ``errors.parquet`` of ``collection``, every new content embedded
+    into the store; nothing at all is read when the listing and model are those of the last run."""
+    items = collection.items()
+    if not items:
+        raise ImageSearchError(
+            f"Source {collection.source!r} holds no images (looked for "
+            f".jpg .jpeg .png .webp .gif .bmp .tif .tiff files); point --source at your images."
+        )
+    key = spec.key()
+    content = EmbeddingStore(run.out, key)
+    stage = run.stage(
+        "catalog",
+        [collection.describe(), listing_fingerprint(items), key],
+        [CATALOG_FILE, ERRORS_FILE],
+        code=["tasks.catalog", "tasks.sources.collection", "tasks.features.content"],
+    )
+    done = stage.done()
+    if done is not None and not _store_complete(stage.path(CATALOG_FILE), content):
+        done = None  # the store lost contents the catalog names: embed them again
+    if done is None:
+        started = time.perf_counter()
+        previous = run.out / CATALOG_FILE
+        prev = read_catalog(previous) if previous.is_file() else None
+        prev_errors: dict[str, int] = {}
+        if (run.out / ERRORS_FILE).is_file():
+            errs = pq.read_table(run.out / ERRORS_FILE)
+            prev_errors = dict(
+                zip(
+                    errs.column("uri").to_pylist(), errs.column("image_id").to_pylist(), strict=True
+                )
+            )
+        model_meta: dict[str, Any] = {}
+        table, errors, stats, next_id = build_catalog(
+            collection,
+            items,
+            content,
+            forward_factory(spec, model_meta),
+            input_size=spec.input_size,
+            batch_size=batch_size,
+            previous=prev,
+            previous_errors=prev_errors,
+            progress=progress,
+        )
+        if model_meta:
+            content.describe(model_meta)
+        meta = {
+            "collection": collection.describe(),
+            "next_id": next_id,
+            "model_key": key,
+            "input_size": spec.input_size,
+            "stats": stats.as_dict(),
+        }
+        write_catalog(stage.path(CATALOG_FILE), table, meta)
+        write_errors(stage.path(ERRORS_FILE), errors)
+        dropped = content.compact(set(bytes.fromhex(h) for h in table.column("sha256").to_pylist()))
+        seconds = time.perf_counter() - started
+        log.info(
+            "catalogued %d images in %.1f s: %d unchanged, %d read, %d embedded, %d duplicates, "
+            "%d errors, %d removed",
+            stats.listed,
+            seconds,
+            stats.unchanged,
+            stats.read,
+            stats.embedded,
+            stats.duplicates,
+            stats.errors,
+            stats.removed,
+        )
+        done = stage.finish(stats=stats.as_dict(), seconds=seconds, compacted=dropped)
+    stats_now = dict(done["stats"])
+    return CatalogRef(
+        uri=str(stage.path(CATALOG_FILE)),
+        rows=stats_now["listed"] - stats_now["errors"],
+        fingerprint=stage.digest(),
+        n_errors=stats_now["errors"],
+        labelled=collection.has_labels,
+        stats=stats_now,
+    )
+
+
+def _store_complete(catalog_path: Path, content: EmbeddingStore) -> bool:
+    digests = pq.read_table(catalog_path, columns=["sha256"]).column("sha256").to_pylist()
+    have = content.load()
+    return all(bytes.fromhex(d) in have for d in digests)
+
+
+def assemble_features(
+    catalog: CatalogRef, split: SplitRef, run: RunFolder, spec: ModelSpec
 ) -> Features:
-    """``features/index.parquet`` and ``features/query.parquet`` of ``split``, unless a run
-    already made them from the same images, split, weights (by content), seed and precision."""
+    """``features/index.parquet`` and ``features/query.parquet`` of ``split``, gathered from the
+    embedding store, unless a run already made them from the same catalog, split and model."""
+    key = spec.key()
     stage = run.stage(
         "embed",
-        [dataset.fingerprint, split.fingerprint, weights_identity(weights), seed, precision],
+        [catalog.fingerprint, split.fingerprint, key],
         list(OUTPUTS.values()),
         code=["tasks.features"],
     )
@@ -140,29 +225,22 @@ def extract_features(
     if stage.done() is None:
         for rel in OUTPUTS.values():
             store.refuse_foreign(run.out / rel)
+        cat = read_catalog(Path(catalog.uri))
+        content = EmbeddingStore(run.out, key)
+        model = content.model()
+        device = str(model.pop("device", "cached"))
+        metadata = {
+            **model,
+            "model_key": key,
+            "input_size": spec.input_size,
+            "source_fingerprint": catalog.fingerprint,
+        }
         index_ids, query_ids = read_split(split.path)
-        ids = {"index": index_ids, "query": query_ids}
-        started = time.perf_counter()
-        device = configure_gpu_memory(gpu_memory_fraction)
-        model, info = build_model(weights, seed, precision)
-        forward = make_forward(model)
-        images = read_all_images(dataset.uri, dataset.rows)
-        metadata = {**info.metadata(), "source_fingerprint": dataset.fingerprint}
-        for name, rel in OUTPUTS.items():
-            embed_split(
-                images,
-                ids[name],
-                forward,
-                stage.path(rel),
-                stage.key,
-                {**metadata, "split": name},
-                batch_size,
-                progress,
+        for name, ids in (("index", index_ids), ("query", query_ids)):
+            write_features(
+                content, cat, ids, stage.path(OUTPUTS[name]), {**metadata, "split": name}
             )
-        seconds = time.perf_counter() - started
-        n = len(index_ids) + len(query_ids)
-        log.info("embedded %d images in %.1f s (%.1f images/s)", n, seconds, n / seconds)
-        stage.finish(seconds=seconds, images=n, batch_size=batch_size)
+        stage.finish(images=len(index_ids) + len(query_ids))
     digest = stage.digest()
     paths = {name: stage.path(rel) for name, rel in OUTPUTS.items()}
     rows = {"index": split.n_index, "query": split.n_query}
@@ -178,28 +256,45 @@ def extract_features(
     )
 
 
+def write_features(
+    content: EmbeddingStore, cat: Any, ids: np.ndarray, dest: Path, metadata: dict[str, Any]
+) -> None:
+    """Write the embeddings of image ``ids`` ((n,) int64, sorted) into ``dest``, one row group
+    of :data:`store.ROWS_PER_PART` at a time."""
+    try:
+        digests = digests_of(cat, ids)
+    except KeyError as exc:
+        raise ImageSearchError(f"image id {exc} of the split is not in the catalog") from exc
+    rows = store.ROWS_PER_PART
+    try:
+        chunks = (
+            store.table(ids[s : s + rows], content.gather(digests[s : s + rows]))
+            for s in range(0, len(ids), rows)
+        )
+        store.write_tables(chunks, dest, {**metadata, "rows": len(ids)})
+    except KeyError as exc:
+        raise ImageSearchError(
+            f"The embedding store {content.folder} lacks an image of the catalog; run again "
+            f"to embed it."
+        ) from exc
+
+
 @task(cache_policy=NO_CACHE)
-def embed(
-    dataset: DataRef,
-    split: SplitRef,
-    out: str,
-    weights: str,
-    batch_size: int,
-    seed: int,
-    precision: str,
-    gpu_memory_fraction: float | None,
-) -> Features:
-    """Prefect task: ResNet50 features of both splits, listed as an artifact."""
-    features = extract_features(
-        dataset,
-        split,
-        RunFolder(Path(out)),
-        weights=weights,
-        batch_size=batch_size,
-        seed=seed,
-        precision=precision,
-        gpu_memory_fraction=gpu_memory_fraction,
+def catalog(collection: Collection, out: str, spec: ModelSpec, batch_size: int) -> CatalogRef:
+    """Prefect task: list, hash and embed what is new; the counts as an artifact."""
+    ref = catalog_collection(collection, RunFolder(Path(out)), spec, batch_size=batch_size)
+    create_table_artifact(
+        key=artifact_key("catalog"),
+        table=[ref.stats],
+        description=f"Catalog of {collection.source}: what this run read and embedded",
     )
+    return ref
+
+
+@task(cache_policy=NO_CACHE)
+def embed(catalog: CatalogRef, split: SplitRef, out: str, spec: ModelSpec) -> Features:
+    """Prefect task: the feature files of both sides of the split, listed as an artifact."""
+    features = assemble_features(catalog, split, RunFolder(Path(out)), spec)
     rows = [
         {"file": Path(ref.uri).name, "rows": ref.rows, "bytes": Path(ref.uri).stat().st_size}
         for ref in (features.index, features.query)
@@ -207,6 +302,6 @@ def embed(
     create_table_artifact(
         key=artifact_key("features"),
         table=rows,
-        description=f"ResNet50 features ({features.model['weights']} weights), {DIM}-d",
+        description=f"ResNet50 features ({features.model.get('weights')} weights), {DIM}-d",
     )
     return features

@@ -1,6 +1,7 @@
-"""Keras ResNet50 without its classifier, global max pooling: (N, 96, 96, 3) uint8 -> (N, 2048)
-float32. Weights (ImageNet from the Keras cache, a file, or seeded random), the GPU memory
-policy, and the compiled forward pass that embedding and queries share."""
+"""Keras ResNet50 without its classifier, global max pooling: (N, S, S, 3) uint8 -> (N, 2048)
+float32 for any input size S (96 for STL-10, 224 for photos). Weights (ImageNet from the Keras
+cache, a file, or seeded random), the GPU memory policy, and the compiled forward pass that
+embedding and queries share."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from tasks.errors import ImageSearchError
 from tasks.storage import file_digest
 
 DIM = 2048
-INPUT_SHAPE = (96, 96, 3)
+# The network is built for any square input size; the size is a property of the features.
+INPUT_SHAPE = (None, None, 3)
 PREPROCESSING = "keras.applications.resnet50.preprocess_input (caffe: RGB->BGR, ImageNet mean)"
+MIN_INPUT_SIZE = 32  # ResNet50 halves the image five times
 WEIGHTS_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + WEIGHTS_FILE
 
@@ -90,15 +93,19 @@ class ModelInfo:
     seed: int
     precision: str = "float32"
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self, input_size: int) -> dict[str, Any]:
         import keras
         import tensorflow as tf
+
+        from tasks.sources.images import RESIZE_RULE
 
         return {
             "model": "keras.applications.ResNet50",
             "include_top": False,
             "pooling": "max",
-            "input_shape": list(INPUT_SHAPE),
+            "input_size": input_size,
+            "input_shape": [input_size, input_size, 3],
+            "resize": RESIZE_RULE,
             "preprocessing": PREPROCESSING,
             "weights": self.weights,
             "weights_detail": self.weights_detail,
@@ -144,7 +151,7 @@ PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
 def build_model(weights: str, seed: int = 0, precision: str = "float32") -> tuple[Any, ModelInfo]:
-    """Keras ResNet50 without its classifier, global max pooling: (N, 96, 96, 3) -> (N, 2048).
+    """Keras ResNet50 without its classifier, global max pooling: (N, S, S, 3) -> (N, 2048).
 
     ``precision="bfloat16"`` computes in bfloat16 with float32 weights (Keras' mixed policy):
     faster on CPUs with AVX-512 BF16 and on recent GPUs, slightly different features.
@@ -207,7 +214,7 @@ def _seeded_kernels(model: Any, seed: int) -> None:
 
 
 def make_forward(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """A compiled forward pass: uint8 (B, 96, 96, 3) -> float32 (B, 2048), preprocessing inside.
+    """A compiled forward pass: uint8 (B, S, S, 3) -> float32 (B, 2048), preprocessing inside.
 
     A ``tf.function`` call is markedly faster than ``model.predict`` for streamed batches.
     """

@@ -1,17 +1,12 @@
-"""The Parquet feature store: ``image_id`` int64 and ``embedding`` fixed_size_list<float32>[2048]
-per row, provenance in the file metadata, page checksums verified on every read.
-
-Features are written as numbered part files that appear atomically as they complete, so an
-interrupted embedding resumes at the first missing part; the parts are then merged row group by
-row group into one file. This resume works below the task level (inside one stage), which is
-why neither Prefect's task cache nor the stage cache can replace it.
-"""
+"""The Parquet feature files: ``image_id`` int64 and ``embedding`` fixed_size_list<float32>[2048]
+per row, provenance (model, weights, input size) in the file metadata, page checksums verified
+on every read. They are what the search backends, the query path and other tools read; the
+embeddings themselves live in the content-addressed store (:mod:`tasks.features.content`)."""
 
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,38 +79,15 @@ def table(ids: np.ndarray, emb: np.ndarray) -> pa.Table:
     )
 
 
-def write_part(tbl: pa.Table, path: Path) -> None:
-    """Write one part file (one row group) atomically."""
-    with atomic_path(path) as tmp:
-        pq.write_table(tbl, tmp, row_group_size=ROWS_PER_PART, **WRITER_OPTIONS)
-
-
-def parts_dir(dest: Path, key: str) -> Path:
-    """Where the part files of ``dest`` for ``key`` live: ``.<stem>.parts-<key>`` beside it."""
-    return dest.parent / f".{dest.stem}.parts-{key}"
-
-
-def part_path(parts: Path, p: int) -> Path:
-    return parts / f"part-{p:05d}.parquet"
-
-
-def drop_stale_parts(dest: Path, keep: Path) -> None:
-    """Remove part folders of ``dest`` for other keys: they are never resumed."""
-    for stale in dest.parent.glob(f".{dest.stem}.parts-*"):
-        if stale != keep:
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def merge_parts(parts: Path, n_parts: int, dest: Path, metadata: dict[str, Any]) -> None:
-    """Concatenate the part files into ``dest`` row group by row group, atomically."""
+def write_tables(tables: Iterable[pa.Table], dest: Path, metadata: dict[str, Any]) -> None:
+    """Write ``tables`` (each one row group) into ``dest`` atomically, with ``metadata``."""
     schema = SCHEMA.with_metadata({META_KEY: json.dumps(metadata).encode()})
     with (
         atomic_path(dest) as tmp,
         pq.ParquetWriter(tmp, schema, **WRITER_OPTIONS) as writer,
     ):
-        for p in range(n_parts):
-            tbl = pq.read_table(part_path(parts, p))
-            writer.write_table(tbl.replace_schema_metadata(schema.metadata))
+        for tbl in tables:
+            writer.write_table(tbl.replace_schema_metadata(schema.metadata), ROWS_PER_PART)
 
 
 def _row_groups(path: Path | str) -> Iterator[pa.Table]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,20 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tasks.catalog import (
+    ERRORS_FILE,
+    CatalogRef,
+    first_errors,
+    load_pixels,
+    read_catalog,
+    read_errors,
+)
 from tasks.compare import Comparison
 from tasks.features.embed import Features
 from tasks.report import artifact_key
 from tasks.report.pictures import image_grid, markdown_image, save_png
 from tasks.search.backends import REFERENCE, SearchRun
 from tasks.search.knn import load_neighbors
-from tasks.sources.stl10 import read_all_images
 from tasks.storage import DataRef, RunFolder
 
 RESULTS_FILE = "results.png"
@@ -62,7 +70,7 @@ def backend_table(summary: Comparison) -> list[dict[str, Any]]:
 
 
 def results_picture(
-    images: np.ndarray,
+    load: Callable[[np.ndarray], np.ndarray],
     query_ids: np.ndarray,
     distances: np.ndarray,
     neighbor_ids: np.ndarray,
@@ -71,25 +79,28 @@ def results_picture(
 ) -> Image.Image:
     """``n_results`` random queries, each followed by its k neighbours titled with the distance.
 
-    images: (N, 96, 96, 3) uint8; query_ids (n,), distances/neighbor_ids (n, k).
+    load: image ids (m,) -> (m, 96, 96, 3) uint8; query_ids (n,), distances/neighbor_ids (n, k).
     """
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(query_ids), size=min(n_results, len(query_ids)), replace=False))
     k = distances.shape[1]
-    tiles, titles = [], []
+    ids, titles = [], []
     for r in rows:
-        tiles.append(images[query_ids[r]])
+        ids.append(query_ids[r])
         titles.append(f"query #{query_ids[r]}")
         for j in range(k):
-            tiles.append(images[neighbor_ids[r, j]])
+            ids.append(neighbor_ids[r, j])
             titles.append(f"d={distances[r, j]:.4g}")
-    return image_grid(np.stack(tiles), titles, columns=k + 1, scale=2)
+    return image_grid(load(np.asarray(ids, dtype=np.int64)), titles, columns=k + 1, scale=2)
 
 
-def summary_markdown(summary: Comparison, features: Features, dataset: DataRef) -> str:
+def summary_markdown(
+    summary: Comparison, features: Features, catalog: DataRef, source: str | None = None
+) -> str:
     """A ten-second summary: data, model, backends, verdict, speedup."""
     model = features.model
-    lines = [f"## image-search: {dataset.rows:,} images from `{Path(dataset.uri).name}`", ""]
+    where = source or Path(catalog.uri).name
+    lines = [f"## image-search: {catalog.rows:,} images from `{where}`", ""]
     if model.get("random_init"):
         lines += [
             "> **Warning:** ResNet50 ran with **random weights** (`weights = none`). The search "
@@ -136,7 +147,7 @@ def make_report(
     summary: Comparison,
     runs: list[SearchRun],
     features: Features,
-    dataset: DataRef,
+    catalog: DataRef,
     run: RunFolder,
     n_results: int,
     seed: int,
@@ -149,19 +160,38 @@ def make_report(
     shown = shown or next(r for r in runs if r.backend == REFERENCE)
     stage = run.stage(
         "results",
-        [shown.model_dump(exclude={"path"}), dataset.fingerprint, n_results, seed],
+        [shown.model_dump(exclude={"path"}), catalog.fingerprint, n_results, seed],
         [RESULTS_FILE],
         code=[__name__, "tasks.report.pictures"],
     )
+    cat = read_catalog(Path(catalog.uri))
     if stage.done() is None:
         qids, dist, nids = load_neighbors(shown, run.out)
-        images = read_all_images(dataset.uri, dataset.rows)
-        save_png(
-            results_picture(images, qids, dist, nids, n_results, seed), stage.path(RESULTS_FILE)
+        picture = results_picture(
+            lambda ids: load_pixels(cat, ids), qids, dist, nids, n_results, seed
         )
+        save_png(picture, stage.path(RESULTS_FILE))
         stage.finish()
     path = stage.path(RESULTS_FILE)
-    return path, summary_markdown(summary, features, dataset), backend_table(summary)
+    source = str(cat.meta.get("collection", {}).get("source", "")) or None
+    markdown = summary_markdown(summary, features, catalog, source)
+    if isinstance(catalog, CatalogRef):
+        markdown += catalog_markdown(catalog, Path(catalog.uri).parent / ERRORS_FILE)
+    return path, markdown, backend_table(summary)
+
+
+def catalog_markdown(catalog: CatalogRef, errors_path: Path) -> str:
+    """What the catalog pass did, and the first per-image problems."""
+    s = catalog.stats
+    text = (
+        f"- **Catalog**: {s.get('listed', 0):,} images listed, {s.get('embedded', 0):,} embedded "
+        f"this run, {s.get('unchanged', 0):,} unchanged, {s.get('duplicates', 0):,} duplicate "
+        f"contents, {s.get('removed', 0):,} removed, **{catalog.n_errors:,} errors**.\n"
+    )
+    if catalog.n_errors and errors_path.is_file():
+        for line in first_errors(read_errors(errors_path)):
+            text += f"  - `{line}`\n"
+    return text
 
 
 @task(cache_policy=NO_CACHE)
@@ -169,14 +199,14 @@ def report(
     summary: Comparison,
     runs: list[SearchRun],
     features: Features,
-    dataset: DataRef,
+    catalog: DataRef,
     out: str,
     n_results: int,
     seed: int,
 ) -> str:
     """Prefect task: the table, the picture and the summary as artifacts of the run."""
     path, markdown, table = make_report(
-        summary, runs, features, dataset, RunFolder(Path(out)), n_results, seed
+        summary, runs, features, catalog, RunFolder(Path(out)), n_results, seed
     )
     create_table_artifact(
         key=artifact_key("backends"),

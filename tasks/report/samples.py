@@ -10,40 +10,41 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tasks.catalog import load_pixels, read_catalog
 from tasks.report import artifact_key
 from tasks.report.pictures import image_grid, markdown_image, save_png
-from tasks.sources.stl10 import read_all_images
 from tasks.storage import DataRef, RunFolder
 
 SAMPLES_FILE = "samples.png"
 
 
-def show_samples(dataset: DataRef, run: RunFolder, n_show: int, seed: int) -> Path:
-    """Write ``samples.png``: ``n_show`` random images of the dataset, titled with their ids."""
+def show_samples(catalog: DataRef, run: RunFolder, n_show: int, seed: int) -> Path:
+    """Write ``samples.png``: ``n_show`` random images of the catalog, titled with their ids."""
     stage = run.stage(
-        "samples", [dataset.fingerprint, dataset.rows, n_show, seed], [SAMPLES_FILE], [__name__]
+        "samples", [catalog.fingerprint, catalog.rows, n_show, seed], [SAMPLES_FILE], [__name__]
     )
     if stage.done() is not None:
         return stage.path(SAMPLES_FILE)
     path = stage.path(SAMPLES_FILE)
-    images = read_all_images(dataset.uri, dataset.rows)
+    cat = read_catalog(Path(catalog.uri))
+    all_ids = np.sort(cat.image_id)
     rng = np.random.default_rng(seed)
-    ids = np.sort(rng.choice(len(images), size=min(n_show, len(images)), replace=False))
-    picture = image_grid(images[ids], [f"#{i}" for i in ids])
+    ids = all_ids[np.sort(rng.choice(len(all_ids), size=min(n_show, len(all_ids)), replace=False))]
+    picture = image_grid(load_pixels(cat, ids), [f"#{i}" for i in ids])
     save_png(picture, path)
     stage.finish()
     return path
 
 
 @task(cache_policy=NO_CACHE)
-def show(dataset: DataRef, out: str, n_show: int, seed: int) -> str:
+def show(catalog: DataRef, out: str, n_show: int, seed: int) -> str:
     """Prefect task: the dataset preview, also shown in the UI as an artifact."""
-    path = show_samples(dataset, RunFolder(Path(out)), n_show, seed)
+    path = show_samples(catalog, RunFolder(Path(out)), n_show, seed)
     with Image.open(path) as picture:
         body = markdown_image(picture, "random images of the dataset")
     create_markdown_artifact(
         key=artifact_key("samples"),
-        markdown=f"### {n_show} random images of {Path(dataset.uri).name}\n\n{body}",
+        markdown=f"### {n_show} random images of the collection\n\n{body}",
         description="A grid of random images from the dataset",
     )
     return str(path)

@@ -1,0 +1,377 @@
+"""The catalog stage: list a collection, give every image a stable id, hash its bytes, and embed
+the contents the embedding store lacks — in one streaming pass, so memory stays flat.
+
+Outputs ``catalog.parquet`` (image_id, uri, sha256, width, height, label, version) and
+``errors.parquet`` (image_id, uri, reason): a per-image problem is a row there and the run goes
+on; more problems than ``max_error_rate`` allows stop the run with the first reasons. Ids are
+stable: an image keeps its id for as long as its URI exists, and an id is never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+from tqdm import tqdm
+
+from tasks.errors import ImageSearchError
+from tasks.features.content import EmbeddingStore
+from tasks.hardware import cpu_count
+from tasks.sources.collection import Collection, Item, reopen
+from tasks.sources.images import BadImage, Decoded, open_image
+from tasks.storage import DataRef, atomic_path
+
+log = logging.getLogger(__name__)
+
+CATALOG_FILE = "catalog.parquet"
+ERRORS_FILE = "errors.parquet"
+META_KEY = b"image_search_catalog"
+PART_ROWS = 1024  # embeddings per store part: what a kill can lose at most
+CATALOG_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("label", pa.string()),
+        pa.field("version", pa.string(), nullable=False),
+    ]
+)
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+
+
+class CatalogRef(DataRef):
+    """Reference to ``catalog.parquet``: ``rows`` usable images, plus what the pass did."""
+
+    n_errors: int = 0
+    labelled: bool = False
+    stats: dict[str, int] = Field(default_factory=dict)
+
+
+@dataclass
+class Catalog:
+    """A catalog in memory: columns as arrays, plus its metadata."""
+
+    image_id: np.ndarray
+    uri: list[str]
+    sha256: list[str]
+    width: np.ndarray
+    height: np.ndarray
+    label: list[str | None]
+    version: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+
+def read_catalog(path: Path) -> Catalog:
+    """Read ``catalog.parquet``; a damaged file is a clear error naming it."""
+    try:
+        table = pq.read_table(path)
+        meta = (table.schema.metadata or {}).get(META_KEY)
+        cols = {name: table.column(name) for name in CATALOG_SCHEMA.names}
+    except (OSError, pa.ArrowInvalid, KeyError) as exc:
+        raise ImageSearchError(f"Cannot read {path} ({exc}); delete it and run again.") from exc
+    import json
+
+    return Catalog(
+        image_id=cols["image_id"].to_numpy(),
+        uri=cols["uri"].to_pylist(),
+        sha256=cols["sha256"].to_pylist(),
+        width=cols["width"].to_numpy(),
+        height=cols["height"].to_numpy(),
+        label=cols["label"].to_pylist(),
+        version=cols["version"].to_pylist(),
+        meta=json.loads(meta) if meta else {},
+    )
+
+
+def read_errors(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ImageSearchError(f"Cannot read {path} ({exc}); delete it and run again.") from exc
+
+
+@dataclass
+class Stats:
+    """Counters of one catalog pass (also written to the stage record and the report)."""
+
+    listed: int = 0
+    unchanged: int = 0  # catalogued before with the same version: not read at all
+    read: int = 0
+    embedded: int = 0  # forward passes run, one per new content
+    duplicates: int = 0  # same content as another image: embedded once
+    errors: int = 0
+    removed: int = 0  # catalogued before, gone now
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Prepared:
+    """One read image on its way to the catalog: digest, size, and pixels if it needs embedding."""
+
+    digest: bytes
+    width: int
+    height: int
+    pixels: np.ndarray | None
+
+
+def _prepare(
+    collection: Collection, data: bytes | BadImage, size: int, known: Callable[[bytes], bool]
+) -> _Prepared | BadImage:
+    if isinstance(data, BadImage):
+        return data
+    digest = hashlib.sha256(data).digest()
+    try:
+        if known(digest):  # already embedded: only its size is needed
+            if collection.kind == "stl10":
+                return _Prepared(digest, 96, 96, None)
+            img = open_image(data)
+            return _Prepared(digest, img.width, img.height, None)
+        decoded: Decoded = collection.decode(data, size)
+    except BadImage as exc:
+        return exc
+    return _Prepared(digest, decoded.width, decoded.height, decoded.pixels)
+
+
+def _ordered(
+    pool: ThreadPoolExecutor, fn: Callable[[Any], Any], inputs: Iterator[Any], window: int
+) -> Iterator[Any]:
+    """``map`` with at most ``window`` results in flight: parallel, in order, flat memory."""
+    pending: list[Any] = []
+    for x in inputs:
+        pending.append(pool.submit(fn, x))
+        if len(pending) >= window:
+            yield pending.pop(0).result()
+    while pending:
+        yield pending.pop(0).result()
+
+
+def assign_ids(items: list[Item], previous: dict[str, int], next_id: int) -> tuple[np.ndarray, int]:
+    """Ids for ``items`` (sorted by URI): the previous id of a URI, else new ones counting up
+    from ``next_id`` in URI order. Returns (ids (n,) int64, the next unused id)."""
+    ids = np.empty(len(items), dtype=np.int64)
+    for i, item in enumerate(items):
+        known = previous.get(item.uri)
+        if known is None:
+            known, next_id = next_id, next_id + 1
+        ids[i] = known
+    return ids, next_id
+
+
+def build_catalog(
+    collection: Collection,
+    items: list[Item],
+    store: EmbeddingStore,
+    make_forward: Callable[[], Callable[[np.ndarray], np.ndarray]],
+    *,
+    input_size: int,
+    batch_size: int,
+    previous: Catalog | None,
+    previous_errors: dict[str, int],
+    progress: bool = True,
+) -> tuple[pa.Table, pa.Table, Stats, int]:
+    """One pass over ``items``: ids, digests and sizes; every new content embedded into
+    ``store`` through the forward pass ``make_forward()`` builds on first need
+    ((B, S, S, 3) uint8 -> (B, 2048) float32): a pass with nothing new builds no model.
+
+    Returns (catalog table, errors table, counters, next unused id).
+    """
+    stats = Stats(listed=len(items))
+    prev_ids = dict(previous_errors)
+    prev_rows: dict[str, int] = {}
+    next_id = 0
+    if previous is not None:
+        prev_ids.update(zip(previous.uri, previous.image_id.tolist(), strict=True))
+        prev_rows = {uri: i for i, uri in enumerate(previous.uri)}
+        next_id = int(previous.meta.get("next_id", 0))
+    next_id = max([next_id, *[v + 1 for v in prev_ids.values()]])
+    ids, next_id = assign_ids(items, prev_ids, next_id)
+    listed = {item.uri for item in items}
+    stats.removed = sum(1 for uri in prev_rows if uri not in listed)
+
+    known = store.load()
+    rows: list[tuple[int, str, str, int, int, str | None, str] | None] = [None] * len(items)
+    errors: list[tuple[int, str, str]] = []
+    todo: list[int] = []
+    for i, item in enumerate(items):
+        p = prev_rows.get(item.uri)
+        if (
+            p is not None
+            and previous is not None
+            and previous.version[p] == item.version
+            and item.version != "missing"
+            and bytes.fromhex(previous.sha256[p]) in known
+        ):
+            rows[i] = (
+                int(ids[i]),
+                item.uri,
+                previous.sha256[p],
+                int(previous.width[p]),
+                int(previous.height[p]),
+                item.label,
+                item.version,
+            )
+            stats.unchanged += 1
+        else:
+            todo.append(i)
+
+    batch_pixels: list[np.ndarray] = []
+    batch_digests: list[bytes] = []
+    part_digests: list[bytes] = []
+    part_rows: list[np.ndarray] = []
+    pending: set[bytes] = set()
+
+    forward: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def run_batch() -> None:
+        nonlocal forward
+        if not batch_pixels:
+            return
+        if forward is None:
+            forward = make_forward()
+        part_rows.append(forward(np.stack(batch_pixels)))
+        part_digests.extend(batch_digests)
+        stats.embedded += len(batch_digests)
+        batch_pixels.clear()
+        batch_digests.clear()
+
+    def flush_part() -> None:
+        run_batch()
+        if part_digests:
+            store.append(list(part_digests), np.concatenate(part_rows))
+            pending.difference_update(part_digests)
+            part_digests.clear()
+            part_rows.clear()
+
+    todo_items = [items[i] for i in todo]
+    workers = max(2, cpu_count())
+    bar = tqdm(total=len(todo), unit="img", desc="catalog", disable=not progress)
+    with bar, ThreadPoolExecutor(max_workers=workers) as pool:
+        stream = collection.stream(todo_items, workers)
+
+        def prepare(data: bytes | BadImage) -> _Prepared | BadImage:
+            return _prepare(collection, data, input_size, lambda d: d in known or d in pending)
+
+        for i, prepared in zip(todo, _ordered(pool, prepare, stream, workers * 4), strict=True):
+            item = items[i]
+            stats.read += 1
+            bar.update(1)
+            if isinstance(prepared, BadImage):
+                errors.append((int(ids[i]), item.uri, prepared.reason))
+                stats.errors += 1
+                continue
+            digest = prepared.digest
+            if digest in known or digest in pending:
+                pass  # the same content as an image embedded before: embedded once
+            elif prepared.pixels is not None:
+                pending.add(digest)
+                batch_pixels.append(prepared.pixels)
+                batch_digests.append(digest)
+                if len(batch_pixels) >= batch_size:
+                    run_batch()
+                if len(part_digests) >= PART_ROWS:
+                    flush_part()
+            else:  # known when read, then compacted away: cannot happen within one pass
+                raise RuntimeError(f"content of {item.uri} vanished from the embedding store")
+            rows[i] = (
+                int(ids[i]),
+                item.uri,
+                digest.hex(),
+                prepared.width,
+                prepared.height,
+                item.label,
+                item.version,
+            )
+        flush_part()
+
+    done = [r for r in rows if r is not None]
+    stats.duplicates = len(done) - len({r[2] for r in done})
+    catalog = pa.Table.from_pylist(
+        [dict(zip(CATALOG_SCHEMA.names, r, strict=True)) for r in done], schema=CATALOG_SCHEMA
+    )
+    errs = pa.Table.from_pylist(
+        [dict(zip(ERRORS_SCHEMA.names, e, strict=True)) for e in errors], schema=ERRORS_SCHEMA
+    )
+    return catalog.sort_by("image_id"), errs.sort_by("image_id"), stats, next_id
+
+
+def write_catalog(path: Path, table: pa.Table, meta: dict[str, Any]) -> None:
+    """Write ``catalog.parquet`` atomically with the pass's metadata (collection, next id...)."""
+    import json
+
+    table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def write_errors(path: Path, table: pa.Table) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def check_error_rate(catalog: CatalogRef, max_error_rate: float) -> None:
+    """Stop the run when more images failed than ``max_error_rate`` allows, naming the first."""
+    listed = catalog.stats.get("listed", 0)
+    if not listed or catalog.n_errors / listed <= max_error_rate:
+        return
+    errors = read_errors(Path(catalog.uri).parent / ERRORS_FILE)
+    raise ImageSearchError(
+        f"{catalog.n_errors} of {listed} images ({catalog.n_errors / listed:.1%}) could not be "
+        f"used, more than --max-error-rate = {max_error_rate:.1%} allows. First: "
+        f"{'; '.join(first_errors(errors, 3))}. Every reason is in {ERRORS_FILE} in the output "
+        f"folder; fix or remove those files, or raise --max-error-rate."
+    )
+
+
+def first_errors(errors: pa.Table, n: int = 5) -> list[str]:
+    """The first ``n`` problems as 'uri: reason' lines, for the report."""
+    return [
+        f"{u}: {r}"
+        for u, r in zip(
+            errors.column("uri").to_pylist()[:n],
+            errors.column("reason").to_pylist()[:n],
+            strict=True,
+        )
+    ]
+
+
+def load_pixels(catalog: Catalog, ids: np.ndarray, size: int = 96) -> np.ndarray:
+    """Images ``ids`` of a catalog as (n, size, size, 3) uint8, read again from the collection
+    (for pictures: a few dozen images). An image that no longer decodes shows as grey."""
+    collection = reopen(catalog.meta["collection"])
+    row_of = {int(i): r for r, i in enumerate(catalog.image_id.tolist())}
+    out = np.full((len(ids), size, size, 3), 128, dtype=np.uint8)
+    for n, image_id in enumerate(np.asarray(ids).tolist()):
+        try:
+            data = collection.read(catalog.uri[row_of[int(image_id)]])
+            out[n] = collection.decode(data, size).pixels
+        except (BadImage, KeyError):
+            continue
+    return out
+
+
+def digests_of(catalog: Catalog, ids: np.ndarray) -> list[bytes]:
+    """The content digests of image ``ids`` (each must be in the catalog)."""
+    row_of = {int(i): r for r, i in enumerate(catalog.image_id.tolist())}
+    return [bytes.fromhex(catalog.sha256[row_of[int(i)]]) for i in np.asarray(ids).tolist()]
