@@ -38,6 +38,9 @@ from tasks.compare import COMPARE_FILE, NEIGHBORS_FILE, compare, stages_of
 from tasks.errors import ImageSearchError, TransientNetworkError
 from tasks.features.embed import FEATURES_DIR, ModelSpec, catalog, check_input_size, embed
 from tasks.features.model import weights_path
+from tasks.report.duplicates import DUPLICATES_FILE
+from tasks.report.evaluate import evaluate_task
+from tasks.report.quality import QUALITY_FILE
 from tasks.report.report import RESULTS_FILE, report
 from tasks.report.samples import SAMPLES_FILE, show
 from tasks.search.backends import choose_backends, validate_k
@@ -142,6 +145,10 @@ def _search(params: SearchParams) -> dict[str, str]:
             gpu_memory_fraction=params.gpu_memory_fraction,
         )
         weights_path(params.weights)  # a missing file stops the run before any write
+        # Configuration errors stop the run before anything is written: the listing bounds
+        # how many images the catalog can hold.
+        n_index, _ = check_split(len(collection.items()), params.split_ratio)
+        validate_k(params.k, n_index)
         # Every stage writes into the staging area; the outputs in place change only below.
         catalog_ref = catalog(collection, out, spec, params.batch_size)
         try:
@@ -149,7 +156,7 @@ def _search(params: SearchParams) -> dict[str, str]:
         except ImageSearchError:
             run.commit(["catalog"])  # keep errors.parquet where the message says it is
             raise
-        # Configuration errors stop the run before anything else is written.
+        # Some images may have failed: check again with those that are usable.
         n_index, _ = check_split(catalog_ref.rows, params.split_ratio)
         validate_k(params.k, n_index)
         show(catalog_ref, out, params.n_show, params.seed)
@@ -158,6 +165,7 @@ def _search(params: SearchParams) -> dict[str, str]:
         # Backends run one after another: each gets every core, so the timings are honest.
         runs = [knn(features, out, name, params.k) for name in backends]
         summary = compare(runs, features, out, params.tolerance)
+        evaluation = evaluate_task(catalog_ref, features, out)
         report(summary, runs, features, catalog_ref, out, params.n_results, params.seed)
         # The new outputs replace the old ones as one set, even when the verdict is a failure:
         # compare.json then says why.
@@ -173,4 +181,6 @@ def _search(params: SearchParams) -> dict[str, str]:
         "neighbors": str(out_dir / NEIGHBORS_FILE),
         "compare": str(out_dir / COMPARE_FILE),
         "results": str(out_dir / RESULTS_FILE),
+        "duplicates": str(out_dir / DUPLICATES_FILE),
+        **({"quality": str(out_dir / QUALITY_FILE)} if "quality" in evaluation else {}),
     }

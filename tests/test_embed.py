@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +15,12 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-import tasks.features.store as store_mod
+import tasks.catalog as catalog_mod
+import tasks.features.embed as embed_mod
+from tasks.catalog import CatalogRef
 from tasks.errors import ImageSearchError
-from tasks.features.embed import embed_split, extract_features
+from tasks.features.content import EmbeddingStore
+from tasks.features.embed import ModelSpec, assemble_features, catalog_collection
 from tasks.features.model import (
     DIM,
     build_model,
@@ -26,10 +29,13 @@ from tasks.features.model import (
     weights_identity,
 )
 from tasks.features.store import load_features, read_metadata
+from tasks.sources.collection import Stl10Collection
 from tasks.sources.sample import to_stl10_bytes
 from tasks.split import SplitRef, split_dataset
-from tasks.storage import DataRef, RunFolder
+from tasks.storage import RunFolder
 from tests.conftest import pattern_images
+
+SPEC = ModelSpec("none", seed=0, precision="float32", input_size=96)
 
 
 @pytest.fixture(scope="module")
@@ -58,22 +64,24 @@ def test_forward_shapes_and_preprocessing(forward: Callable[[np.ndarray], np.nda
 
 
 @pytest.fixture
-def small_run(tmp_path: Path, reuse_random_resnet: None) -> tuple[DataRef, SplitRef, RunFolder]:
-    """30 generated images split 24/6 into a run folder (split committed)."""
+def small_run(tmp_path: Path, reuse_random_resnet: None) -> tuple[CatalogRef, SplitRef, RunFolder]:
+    """30 generated images catalogued (and embedded), split 24/6, both committed."""
     data = tmp_path / "imgs.bin"
     data.write_bytes(to_stl10_bytes(pattern_images(30)))
-    dataset = DataRef(uri=str(data), rows=30, fingerprint="fp-30")
     run = RunFolder(tmp_path / "out")
-    split_dataset(dataset, run, 0.8, seed=0)
-    run.commit(["split"])
-    return dataset, split_dataset(dataset, run, 0.8, seed=0), run
+    cat = catalog_collection(Stl10Collection(str(data)), run, SPEC, batch_size=8, progress=False)
+    split_dataset(cat, run, 0.8, seed=0)
+    run.commit(["catalog", "split"])
+    cat = catalog_collection(Stl10Collection(str(data)), run, SPEC, batch_size=8, progress=False)
+    return cat, split_dataset(cat, run, 0.8, seed=0), run
 
 
-def test_extract_features_files_load_everywhere(
-    small_run: tuple[DataRef, SplitRef, RunFolder],
+def test_features_files_load_everywhere(
+    small_run: tuple[CatalogRef, SplitRef, RunFolder],
 ) -> None:
-    dataset, split, run = small_run
-    feats = extract_features(dataset, split, run, weights="none", batch_size=8, progress=False)
+    cat, split, run = small_run
+    assert cat.stats["embedded"] == 0 and cat.stats["listed"] == 30  # the committed catalog
+    feats = assemble_features(cat, split, run, SPEC)
     assert feats.index.uri == str(run.staging / "features" / "index.parquet")
     assert run.commit(["embed"]) == ["embed"]
     index_path = run.out / "features" / "index.parquet"
@@ -86,7 +94,8 @@ def test_extract_features_files_load_everywhere(
     assert meta["weights"] == "none" and meta["random_init"] is True
     assert "NOT meaningful" in meta["weights_detail"]
     assert meta["preprocessing"].startswith("keras.applications.resnet50.preprocess_input")
-    assert meta["input_shape"] == [96, 96, 3] and meta["source_fingerprint"] == "fp-30"
+    assert meta["input_shape"] == [96, 96, 3] and meta["input_size"] == 96
+    assert meta["model_key"] == SPEC.key() and meta["source_fingerprint"] == cat.fingerprint
     assert meta["tensorflow"] and meta["keras"] and meta["split"] == "index"
     ids, emb = load_features(index_path)
     assert emb.shape == (24, DIM) and emb.dtype == np.float32
@@ -101,16 +110,27 @@ def test_extract_features_files_load_everywhere(
     np.testing.assert_array_equal(pl_frame["embedding"].to_numpy()[3], emb[3])
     # A rerun with the same inputs writes nothing.
     mtime = index_path.stat().st_mtime_ns
-    again = extract_features(dataset, split, run, weights="none", batch_size=8, progress=False)
+    again = assemble_features(cat, split, run, SPEC)
     assert again.device == "cached" and index_path.stat().st_mtime_ns == mtime
     assert again.index.uri == str(index_path) and again.index.fingerprint == feats.index.fingerprint
 
 
-def test_damaged_features_are_recomputed_never_trusted(
-    small_run: tuple[DataRef, SplitRef, RunFolder],
+def test_store_rows_equal_a_direct_forward_pass(
+    small_run: tuple[CatalogRef, SplitRef, RunFolder], forward: Any
 ) -> None:
-    dataset, split, run = small_run
-    first = extract_features(dataset, split, run, weights="none", batch_size=8, progress=False)
+    cat, split, run = small_run
+    assemble_features(cat, split, run, SPEC)
+    run.commit(["embed"])
+    ids, emb = load_features(run.out / "features" / "query.parquet")
+    want = forward(pattern_images(30)[ids])
+    np.testing.assert_allclose(emb, want, rtol=1e-4, atol=1e-4)
+
+
+def test_damaged_features_are_rebuilt_never_trusted(
+    small_run: tuple[CatalogRef, SplitRef, RunFolder],
+) -> None:
+    cat, split, run = small_run
+    first = assemble_features(cat, split, run, SPEC)
     run.commit(["embed"])
     index_path = run.out / "features" / "index.parquet"
     _, good = load_features(index_path)
@@ -122,14 +142,14 @@ def test_damaged_features_are_recomputed_never_trusted(
     index_path.write_bytes(bytes(raw))
     with pytest.raises(ImageSearchError, match="is damaged"):
         load_features(index_path)
-    again = extract_features(dataset, split, run, weights="none", batch_size=8, progress=False)
-    assert again.device != "cached"  # embedded again, not trusted
+    again = assemble_features(cat, split, run, SPEC)
+    assert again.device != "cached"  # rebuilt from the store, not trusted
     assert again.index.fingerprint == first.index.fingerprint
     run.commit(["embed"])
     np.testing.assert_array_equal(load_features(index_path)[1], good)
-    # Truncated: recomputed as well, not called foreign.
+    # Truncated: rebuilt as well, not called foreign.
     index_path.write_bytes(index_path.read_bytes()[:1000])
-    extract_features(dataset, split, run, weights="none", batch_size=8, progress=False)
+    assemble_features(cat, split, run, SPEC)
     run.commit(["embed"])
     np.testing.assert_array_equal(load_features(index_path)[1], good)
 
@@ -145,13 +165,12 @@ def test_a_replaced_weights_file_changes_the_key(tmp_path: Path) -> None:
     assert weights_identity("none") == "none"
 
 
-def test_interrupted_embedding_resumes_at_first_missing_part(
+def test_a_killed_catalog_pass_resumes_without_embedding_a_part_twice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_mod, "ROWS_PER_PART", 10)
-    images = pattern_images(35)
-    ids = np.arange(35, dtype=np.int64)
-    dest = tmp_path / "features" / "index.parquet"
+    monkeypatch.setattr(catalog_mod, "PART_ROWS", 10)
+    data = tmp_path / "imgs.bin"
+    data.write_bytes(to_stl10_bytes(pattern_images(35)))
     calls: list[int] = []
 
     class Killed(Exception):
@@ -162,26 +181,21 @@ def test_interrupted_embedding_resumes_at_first_missing_part(
             raise Killed
         return fake_forward(calls)(batch)
 
+    run = RunFolder(tmp_path / "out")
+    monkeypatch.setattr(embed_mod, "forward_factory", lambda spec, meta: lambda: dying)
     with pytest.raises(Killed):
-        embed_split(images, ids, dying, dest, "k1", {}, batch_size=5, progress=False)
-    assert not dest.exists()
-    parts = sorted(p.name for p in (tmp_path / "features" / ".index.parts-k1").iterdir())
-    assert parts == ["part-00000.parquet", "part-00001.parquet"]
+        catalog_collection(Stl10Collection(str(data)), run, SPEC, batch_size=5, progress=False)
+    assert len(EmbeddingStore(run.out, SPEC.key()).parts()) == 2  # 20 images kept
     resumed: list[int] = []
-    embed_split(
-        images, ids, fake_forward(resumed), dest, "k1", {"m": 1}, batch_size=5, progress=False
+    monkeypatch.setattr(
+        embed_mod, "forward_factory", lambda spec, meta: lambda: fake_forward(resumed)
     )
-    assert sum(resumed) == 15  # only the missing 15 images were embedded again
+    cat = catalog_collection(Stl10Collection(str(data)), run, SPEC, batch_size=5, progress=False)
+    assert sum(resumed) == 15 and cat.stats["embedded"] == 15  # only the missing 15
+    store = EmbeddingStore(run.out, SPEC.key())
+    digests = [hashlib.sha256(to_stl10_bytes(im[None])).digest() for im in pattern_images(35)]
     clean: list[int] = []
-    full = tmp_path / "clean.parquet"
-    embed_split(
-        images, ids, fake_forward(clean), full, "k1", {"m": 1}, batch_size=5, progress=False
-    )
-    a, b = pq.read_table(dest), pq.read_table(full)
-    assert a.equals(b)
-    assert pq.ParquetFile(dest).metadata.num_row_groups == 4
-    assert not (tmp_path / "features" / ".index.parts-k1").exists()
-    assert json.loads(pq.read_schema(dest).metadata[b"image_search"])["rows"] == 35
+    np.testing.assert_array_equal(store.gather(digests), fake_forward(clean)(pattern_images(35)))
 
 
 def test_imagenet_weights_missing_says_where_to_put_them() -> None:
@@ -221,7 +235,7 @@ def test_bfloat16_is_opt_in_close_to_float32_and_restores_policy(
     import keras
 
     model, info = build_model("none", seed=0, precision="bfloat16")
-    assert info.precision == "bfloat16" and info.metadata()["precision"] == "bfloat16"
+    assert info.precision == "bfloat16" and info.metadata(96)["precision"] == "bfloat16"
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     images = pattern_images(4)
     got = make_forward(model)(images)
@@ -234,9 +248,11 @@ def test_bfloat16_is_opt_in_close_to_float32_and_restores_policy(
         build_model("none", precision="float16")
 
 
-def test_embedding_a_large_file_reads_only_its_batches(tmp_path: Path) -> None:
-    """Memory stays flat: streaming the last 2,000 of 100,000 images touches only those images
-    (about 55 MB of mapped file), never a copy of the whole 2.76 GB file."""
+def test_cataloguing_a_large_file_keeps_memory_flat_and_embeds_each_content_once(
+    tmp_path: Path,
+) -> None:
+    """A sparse 2.76 GB file of 100,000 identical (black) images: every image is hashed, memory
+    stays flat (mapped pages are released as the pass goes), and one content is embedded once."""
     import subprocess
     import sys
 
@@ -246,21 +262,25 @@ def test_embedding_a_large_file_reads_only_its_batches(tmp_path: Path) -> None:
     code = f"""
 import resource, numpy as np
 from pathlib import Path
-from tasks.sources.stl10 import read_all_images
-from tasks.features.embed import embed_split
-from tasks.features.model import DIM
-images = read_all_images({str(data)!r})
-ids = np.arange(98_000, 100_000, dtype=np.int64)
-forward = lambda b: np.zeros((len(b), DIM), np.float32) + b.reshape(len(b), -1)[:, :1]
+import tasks.features.embed as e
+from tasks.sources.collection import Stl10Collection
+from tasks.storage import RunFolder
+calls = []
+def forward(b):
+    calls.append(len(b))
+    return np.zeros((len(b), 2048), np.float32)
+e.forward_factory = lambda spec, meta: lambda: forward
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-embed_split(images, ids, forward, Path({str(tmp_path / "f.parquet")!r}), "k", {{}}, 64, False)
+cat = e.catalog_collection(Stl10Collection({str(data)!r}), RunFolder(Path({str(tmp_path / "o")!r})),
+                           e.ModelSpec("none"), batch_size=64, progress=False)
+print(cat.stats["listed"], cat.stats["embedded"], cat.stats["duplicates"], sum(calls))
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    grew_mib = int(proc.stdout.strip().splitlines()[-1])
-    assert grew_mib < 200, f"peak memory grew by {grew_mib} MiB"
-    assert pq.ParquetFile(tmp_path / "f.parquet").metadata.num_rows == 2000
+    counts, grew = proc.stdout.strip().splitlines()[-2:]
+    assert counts.split() == ["100000", "1", "99999", "1"]
+    assert int(grew) < 300, f"peak memory grew by {grew} MiB"
 
 
 def test_random_weights_are_a_pure_function_of_the_seed(random_resnet: Any) -> None:

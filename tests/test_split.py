@@ -40,8 +40,29 @@ def test_ratio_that_empties_a_side() -> None:
         split_ids(10, 0.01, 0)
 
 
+def _catalog(folder: Path, ids: list[int]) -> DataRef:
+    """A catalog file holding just the image ids the split reads."""
+    path = folder / "cat.parquet"
+    pq.write_table(pa.table({"image_id": pa.array(ids, pa.int64())}), path)
+    return DataRef(uri=str(path), rows=len(ids), fingerprint=f"abc-{len(ids)}")
+
+
+def test_catalog_ids_that_are_not_a_range_split_the_same_way(tmp_path: Path) -> None:
+    """Ids of a catalog with gaps (deleted images) are shuffled like positions: the split of
+    ids 0..n-1 is today's STL-10 split, and any other id set maps through its sorted order."""
+    ids = np.array([3, 7, 8, 20, 21, 40, 41, 42, 90, 100], dtype=np.int64)
+    index, query = split_ids(ids, 0.7, seed=5)
+    pos_index, pos_query = split_ids(10, 0.7, seed=5)
+    np.testing.assert_array_equal(index, ids[pos_index])
+    np.testing.assert_array_equal(query, ids[pos_query])
+    ref = _catalog(tmp_path, ids[::-1].tolist())  # file order does not matter
+    run = RunFolder(tmp_path / "out")
+    out = split_dataset(ref, run, 0.7, 5)
+    np.testing.assert_array_equal(read_split(Path(out.uri))[0], index)
+
+
 def test_split_parquet_schema_and_rerun(tmp_path: Path) -> None:
-    ref = DataRef(uri="x", rows=50, fingerprint="abc")
+    ref = _catalog(tmp_path, list(range(50)))
     run = RunFolder(tmp_path)
     out = split_dataset(ref, run, 0.8, 1)
     assert (out.n_index, out.n_query) == (40, 10)
@@ -69,7 +90,7 @@ def test_split_parquet_schema_and_rerun(tmp_path: Path) -> None:
 
 
 def test_a_damaged_split_is_recomputed_or_named(tmp_path: Path) -> None:
-    ref = DataRef(uri="x", rows=20, fingerprint="abc")
+    ref = _catalog(tmp_path, list(range(20)))
     run = RunFolder(tmp_path)
     first = split_dataset(ref, run, 0.5, 0)
     run.commit(["split"])

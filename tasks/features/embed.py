@@ -142,7 +142,11 @@ def catalog_collection(
     done = stage.done()
     if done is not None and not _store_complete(stage.path(CATALOG_FILE), content):
         done = None  # the store lost contents the catalog names: embed them again
-    if done is None:
+    if done is not None:  # nothing changed: this run read and embedded nothing
+        before = dict(done["stats"])
+        unchanged = before["listed"] - before["errors"]
+        done = {"stats": {**before, "unchanged": unchanged, "read": 0, "embedded": 0, "removed": 0}}
+    else:
         started = time.perf_counter()
         previous = run.out / CATALOG_FILE
         prev = read_catalog(previous) if previous.is_file() else None

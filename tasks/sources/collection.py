@@ -28,7 +28,7 @@ import numpy as np
 from tasks.errors import ImageSearchError
 from tasks.hardware import cpu_count
 from tasks.sources.images import BadImage, Decoded, decode_image, encode_png, fit
-from tasks.sources.stl10 import IMAGE_BYTES, check_limit, read_all_images
+from tasks.sources.stl10 import IMAGE_BYTES, check_limit, read_all_images, release_pages
 from tasks.storage import TEMP_PREFIX
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -65,13 +65,16 @@ class Collection(ABC):
 
     def __init__(self, source: str) -> None:
         self.source = source
+        self._items: list[Item] | None = None
 
     def items(self) -> list[Item]:
-        """The images to index: the listing, cut to ``limit`` when one is set."""
-        found = self.listing()
-        if self.limit is None:
-            return found
-        return found[: check_limit(self.limit, len(found), repr(self.source))]
+        """The images to index: the listing (taken once), cut to ``limit`` when one is set."""
+        if self._items is None:
+            found = self.listing()
+            if self.limit is not None:
+                found = found[: check_limit(self.limit, len(found), repr(self.source))]
+            self._items = found
+        return self._items
 
     @abstractmethod
     def listing(self) -> list[Item]:
@@ -447,8 +450,10 @@ class Stl10Collection(Collection):
         return encode_png(self.pixels(data)), "image/png"
 
     def stream(self, items: list[Item], workers: int | None = None) -> Iterator[bytes | BadImage]:
-        for item in items:
+        for n, item in enumerate(items, 1):
             yield self.read(item.uri)
+            if n % 4096 == 0:  # mapped pages count as ours until released: keep memory flat
+                release_pages(self.images)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,212 @@
+"""Decoding real image formats by the documented rule, and listing collections: folders,
+archives, Parquet/CSV lists of paths and URLs."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tasks.errors import ImageSearchError
+from tasks.sources.collection import (
+    ArchiveCollection,
+    FolderCollection,
+    ListCollection,
+    is_collection_source,
+    open_collection,
+)
+from tasks.sources.images import BadImage, decode_image, fit
+from tests.http_server import MisbehavingServer
+
+
+def encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def gradient(w: int, h: int) -> Image.Image:
+    """An RGB image whose pixels say where they are: red grows to the right, green downward."""
+    x = np.linspace(0, 255, w)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h)[:, None].repeat(w, 1)
+    return Image.fromarray(np.stack([x, y, np.full_like(x, 60)], -1).astype(np.uint8))
+
+
+def test_resize_keeps_aspect_and_centre_crops() -> None:
+    out = decode_image(encode(gradient(300, 100), "PNG"), 50)
+    assert out.pixels.shape == (50, 50, 3) and (out.width, out.height) == (300, 100)
+    # Short side 100 -> 50, long side 300 -> 150, centre 50 columns: red spans the middle third.
+    red = out.pixels[25, :, 0].astype(int)
+    assert 75 < red[0] < 95 and 160 < red[-1] < 180
+    assert np.all(np.diff(red) >= 0)
+    green = out.pixels[:, 25, 1].astype(int)
+    assert green[0] < 10 and green[-1] > 245  # the whole height is kept
+
+
+def test_exif_orientation_is_applied() -> None:
+    img = gradient(120, 80)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: a viewer turns it 90° clockwise
+    data = encode(img, "JPEG", exif=exif.tobytes(), quality=95)
+    out = decode_image(data, 64)
+    assert (out.width, out.height) == (80, 120)  # as shown, portrait
+    plain = fit(img.transpose(Image.Transpose.ROTATE_270), 64)
+    assert np.abs(out.pixels.astype(int) - plain.astype(int)).mean() < 6
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("L", "PNG"), ("P", "GIF"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("RGB", "WEBP"), ("RGB", "BMP")],
+)
+def test_every_mode_becomes_rgb(mode: str, fmt: str) -> None:
+    base = gradient(64, 48)
+    img = base.convert("CMYK") if mode == "CMYK" else base.convert(mode if mode != "I;16" else "L")
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(img, dtype=np.uint16) * 257)
+    out = decode_image(encode(img, fmt), 32)
+    assert out.pixels.shape == (32, 32, 3) and out.pixels.dtype == np.uint8
+    if mode in ("L", "I;16"):  # grey stays grey, scaled to 8 bits
+        assert np.array_equal(out.pixels[..., 0], out.pixels[..., 1])
+        assert out.pixels.max() > 200
+
+
+def test_alpha_is_composited_over_white() -> None:
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent on the left half
+    rgba[:, 20:, 3] = 255
+    out = decode_image(encode(Image.fromarray(rgba), "PNG"), 40).pixels
+    assert tuple(out[20, 5]) == (255, 255, 255) and tuple(out[20, 35]) == (255, 0, 0)
+
+
+def test_animated_gif_gives_its_first_frame() -> None:
+    frames = [Image.new("RGB", (32, 32), c) for c in ((0, 0, 255), (255, 0, 0))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=50)
+    out = decode_image(buf.getvalue(), 32).pixels
+    assert out[..., 2].mean() > 200 and out[..., 0].mean() < 50
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty file"),
+        (b"this is text, not a PNG\n" * 10, "not an image"),
+        (encode(gradient(1, 1), "PNG"), "too small: 1×1"),
+        (encode(gradient(200, 200), "JPEG")[:400], "unreadable image header"),
+        (encode(gradient(200, 200), "JPEG")[:1000], "damaged image data"),
+    ],
+)
+def test_bad_images_are_refused_with_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(BadImage, match=reason):
+        decode_image(data, 32)
+
+
+def test_a_decompression_bomb_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encode(Image.new("L", (300, 300)), "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    with pytest.raises(BadImage, match="decompression bomb"):
+        decode_image(data, 32)
+
+
+def write_tree(root: Path, names: list[str]) -> None:
+    for i, name in enumerate(names):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(Image.new("RGB", (20, 20), (i * 20, 0, 0)), "PNG"))
+
+
+def test_folder_listing_labels_and_skips(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    write_tree(root, ["cat/a.png", "cat/b.PNG", "dog/c.png", "dog/.hidden.png", ".trash/x.png"])
+    (root / "dog" / "notes.txt").write_text("not an image")
+    folder = FolderCollection(str(root))
+    items = folder.listing()
+    assert [Path(i.uri).relative_to(root).as_posix() for i in items] == [
+        "cat/a.png",
+        "cat/b.PNG",
+        "dog/c.png",
+    ]
+    assert [i.label for i in items] == ["cat", "cat", "dog"] and folder.has_labels
+    write_tree(root, ["loose.png"])  # not every image one folder deep: no labels
+    assert {i.label for i in FolderCollection(str(root)).listing()} == {None}
+    # The output folder inside the source is never indexed.
+    write_tree(root, ["out/samples.png"])
+    skipped = FolderCollection(str(root), skip=[str(root / "out")]).listing()
+    assert not any("/out/" in i.uri for i in skipped)
+
+
+def test_a_changed_file_gets_a_new_version(tmp_path: Path) -> None:
+    write_tree(tmp_path, ["a.png"])
+    before = FolderCollection(str(tmp_path)).listing()[0].version
+    (tmp_path / "a.png").write_bytes(encode(Image.new("RGB", (30, 20)), "PNG"))
+    assert FolderCollection(str(tmp_path)).listing()[0].version != before
+
+
+def test_tar_and_zip_archives(tmp_path: Path) -> None:
+    files = {"set/x/1.png": encode(gradient(20, 20), "PNG"), "set/x/2.jpg": b"broken"}
+    tar_path, zip_path = tmp_path / "photos.tar.gz", tmp_path / "photos.zip"
+    with tarfile.open(tar_path, "w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    for path in (tar_path, zip_path):
+        assert is_collection_source(str(path))
+        archive = open_collection(str(path))
+        assert isinstance(archive, ArchiveCollection)
+        items = archive.items()
+        assert [i.uri.rsplit("::", 1)[1] for i in items] == ["set/x/1.png", "set/x/2.jpg"]
+        got = list(archive.stream(items))
+        assert got[0] == files["set/x/1.png"] and got[1] == b"broken"
+        assert archive.read(items[0].uri) == files["set/x/1.png"]
+
+
+def test_lists_of_paths_and_urls(tmp_path: Path) -> None:
+    write_tree(tmp_path / "imgs", ["a.png", "b.png"])
+    png = (tmp_path / "imgs" / "a.png").read_bytes()
+    with MisbehavingServer() as server:
+        server.files["/c.png"] = png
+        rows = {
+            "uri": ["imgs/a.png", str(tmp_path / "imgs" / "b.png"), server.url("/c.png")],
+            "label": ["x", "y", "x"],
+        }
+        rows["uri"].append(server.url("/gone.png"))
+        rows["label"].append("y")
+        pq.write_table(pa.table(rows), tmp_path / "list.parquet")
+        (tmp_path / "list.csv").write_text(
+            "path,label\n" + "\n".join(f"{u},{lab}" for u, lab in zip(*rows.values(), strict=True))
+        )
+        for name in ("list.parquet", "list.csv"):
+            listed = open_collection(str(tmp_path / name))
+            assert isinstance(listed, ListCollection)
+            items = listed.items()
+            assert len(items) == 4 and listed.has_labels
+            by_uri = {i.uri: i for i in items}
+            assert by_uri[str(tmp_path / "imgs" / "a.png")].label == "x"
+            got = dict(zip([i.uri for i in items], listed.stream(items), strict=True))
+            assert got[server.url("/c.png")] == png
+            missing = got[server.url("/gone.png")]
+            assert isinstance(missing, BadImage) and "HTTP 404" in missing.reason
+    (tmp_path / "bad.csv").write_text("name,label\na.png,x\n")
+    with pytest.raises(ImageSearchError, match="no column named one of uri, path, url"):
+        open_collection(str(tmp_path / "bad.csv")).items()
+
+
+def test_stl10_sources_are_not_collections(tmp_path: Path) -> None:
+    (tmp_path / "unlabeled_X.bin").write_bytes(b"")
+    assert not is_collection_source(str(tmp_path))
+    assert not is_collection_source("sample")
+    assert not is_collection_source("https://example.org/stl10_binary.tar.gz")
+    assert is_collection_source("s3://bucket/photos")
+    write_tree(tmp_path / "p", ["a.png"])
+    assert is_collection_source(str(tmp_path / "p"))
