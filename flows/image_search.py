@@ -169,7 +169,8 @@ def _search(params: SearchParams) -> dict[str, str]:
         report(summary, runs, features, catalog_ref, out, params.n_results, params.seed)
         # The new outputs replace the old ones as one set, even when the verdict is a failure:
         # compare.json then says why.
-        run.commit(["catalog", "samples", "split", "embed", *stages_of(runs), "compare", "results"])
+        stages = ["catalog", "samples", "split", "embed", *stages_of(runs), "compare"]
+        run.commit([*stages, "evaluate", "results"])
     if not summary.passed:
         raise ImageSearchError(f"{summary.failure} See {out_dir / COMPARE_FILE}.")
     return {

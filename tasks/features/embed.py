@@ -202,7 +202,7 @@ def catalog_collection(
         rows=stats_now["listed"] - stats_now["errors"],
         fingerprint=stage.digest(),
         n_errors=stats_now["errors"],
-        labelled=collection.has_labels,
+        labelled=any(item.label is not None for item in items),
         stats=stats_now,
     )
 

@@ -1,0 +1,166 @@
+"""The real flow on your own images: a folder of JPEG/PNG/WebP files in class folders, some of
+them broken, indexed; then grown, shrunk and re-indexed incrementally."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from flows.image_search import image_search
+from flows.params import SearchParams
+from tasks.catalog import META_KEY
+from tasks.errors import ImageSearchError
+from tests.test_quality import class_images
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+FORMATS = ("JPEG", "PNG", "WEBP")
+BROKEN = {
+    "class0/empty.jpg": b"",
+    "class1/text.png": b"this is not a PNG\n" * 20,
+    "class2/dot.png": None,  # a 1x1 image, written below
+    "class2/cut.jpg": None,  # a truncated JPEG, written below
+}
+
+
+def write_images(root: Path, images: np.ndarray, labels: np.ndarray, start: int = 0) -> None:
+    """One file per image in ``root/<label>/``, the format cycling through JPEG, PNG, WebP."""
+    for i, (image, label) in enumerate(zip(images, labels, strict=True), start):
+        fmt = FORMATS[i % 3]
+        path = root / str(label) / f"img{i:04d}.{fmt.lower().replace('jpeg', 'jpg')}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path, format=fmt, quality=95)
+
+
+def catalog_stats(out: Path) -> dict[str, int]:
+    """The counters the last run wrote into catalog.parquet's metadata."""
+    meta = json.loads(pq.read_schema(out / "catalog.parquet").metadata[META_KEY])
+    return dict(meta["stats"])
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    images, labels = class_images(60, 3, size=80, seed=1)
+    write_images(root, images, labels)
+    for name, data in BROKEN.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith("dot.png"):
+            Image.new("RGB", (1, 1)).save(root / name)
+        elif name.endswith("cut.jpg"):
+            buf = io.BytesIO()
+            Image.fromarray(images[0]).save(buf, format="JPEG")
+            (root / name).write_bytes(buf.getvalue()[:700])
+        else:
+            (root / name).write_bytes(data or b"")
+    return root
+
+
+def run(photos: Path, out: Path, **kw: object) -> dict[str, str]:
+    params = SearchParams(source=str(photos), out=str(out), weights="none", batch_size=32, **kw)
+    state = image_search(**params.model_dump(), return_state=True)
+    assert state.is_completed(), state.message
+    return dict(state.result())
+
+
+def test_own_folder_indexes_reports_errors_and_grows_incrementally(
+    photos: Path, tmp_path: Path, reuse_random_resnet: None
+) -> None:
+    work = tmp_path / "photos"
+    shutil.copytree(photos, work)
+    out = tmp_path / "out"
+    outputs = run(work, out)
+    assert {"catalog", "errors", "quality", "duplicates"} <= outputs.keys()
+
+    catalog = pq.read_table(out / "catalog.parquet").to_pandas()
+    errors = pq.read_table(out / "errors.parquet").to_pandas()
+    assert len(catalog) == 180 and catalog["image_id"].is_unique
+    assert catalog["uri"].str.startswith(str(work)).all()
+    assert catalog["sha256"].str.len().eq(64).all()
+    assert set(catalog["label"]) == {"class0", "class1", "class2"}
+    assert set(catalog["width"]) == {80}
+    reasons = dict(zip(errors["uri"].map(lambda u: Path(u).name), errors["reason"], strict=True))
+    assert set(reasons) == {"empty.jpg", "text.png", "dot.png", "cut.jpg"}
+    assert reasons["empty.jpg"].startswith("empty file")
+    assert reasons["text.png"] == "not an image Pillow can identify"
+    assert reasons["dot.png"].startswith("too small: 1×1")
+    assert "truncated" in reasons["cut.jpg"]
+    stats = catalog_stats(out)
+    assert (stats["listed"], stats["embedded"], stats["errors"]) == (184, 180, 4)
+
+    quality = json.loads((out / "quality.json").read_text())
+    assert quality["n_queries"] == 18 and quality["precision"]["1"] >= 0.9
+    assert {c["label"] for c in quality["per_class"]} == {"class0", "class1", "class2"}
+    dup = pq.read_table(out / "duplicates.parquet")
+    assert dup.column_names == ["image_id_a", "image_id_b", "distance"]
+    ids_before = dict(zip(catalog["uri"], catalog["image_id"], strict=True))
+
+    # Ten new photos and one exact copy of an old one: exactly ten are embedded.
+    more, more_labels = class_images(4, 3, size=80, seed=7)
+    write_images(work, more[:10], more_labels[:10], start=500)
+    first = sorted(work.glob("class1/*.png"))[0]
+    shutil.copy(first, work / "class1" / "copy-of-first.png")
+    run(work, out)
+    stats = catalog_stats(out)
+    assert stats["embedded"] == 10 and stats["read"] == 11 + 4  # new, the copy, the errors
+    assert stats["unchanged"] == 180 and stats["listed"] == 195
+    catalog = pq.read_table(out / "catalog.parquet").to_pandas()
+    assert len(catalog) == 191
+    again = dict(zip(catalog["uri"], catalog["image_id"], strict=True))
+    assert all(again[uri] == i for uri, i in ids_before.items())  # ids are stable
+    assert min(v for u, v in again.items() if u not in ids_before) > max(ids_before.values())
+    copy_sha = catalog.loc[catalog["uri"].str.endswith("copy-of-first.png"), "sha256"].item()
+    assert copy_sha == catalog.loc[catalog["uri"] == str(first), "sha256"].item()
+    pairs = pq.read_table(out / "duplicates.parquet").to_pandas()
+    copy_id, first_id = again[str(work / "class1" / "copy-of-first.png")], again[str(first)]
+    in_index = set(pq.read_table(out / "features" / "index.parquet").column("image_id").to_pylist())
+    if {copy_id, first_id} <= in_index:  # both in the index: an exact duplicate pair
+        row = pairs[
+            (pairs.image_id_a == min(copy_id, first_id))
+            & (pairs.image_id_b == max(copy_id, first_id))
+        ]
+        assert row["distance"].tolist() == [0.0]
+
+    # Five photos deleted: nothing is embedded, they leave the catalog and the features.
+    gone = sorted(work.glob("class0/img*.jpg"))[:5]
+    for path in gone:
+        path.unlink()
+    run(work, out)
+    stats = catalog_stats(out)
+    assert (stats["embedded"], stats["removed"], stats["read"]) == (0, 5, 4)
+    catalog = pq.read_table(out / "catalog.parquet").to_pandas()
+    assert len(catalog) == 186 and not set(map(str, gone)) & set(catalog["uri"])
+    features = {
+        i
+        for name in ("index", "query")
+        for i in pq.read_table(out / "features" / f"{name}.parquet").column("image_id").to_pylist()
+    }
+    assert features == set(catalog["image_id"])
+
+
+def test_too_many_broken_images_stop_the_run_and_keep_the_errors(
+    photos: Path, tmp_path: Path, reuse_random_resnet: None
+) -> None:
+    out = tmp_path / "out"
+    state = image_search(
+        source=str(photos),
+        out=str(out),
+        weights="none",
+        max_error_rate=0.01,
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert state.message is not None
+    assert state.message.startswith("4 of 184 images (2.2%) could not be used, more than")
+    assert "max_error_rate = 1.0%" in state.message
+    with pytest.raises(ImageSearchError):
+        state.result()
+    assert pq.read_table(out / "errors.parquet").num_rows == 4
+    assert not (out / "features").exists()
