@@ -1,4 +1,5 @@
 """``image-search run``: every flow parameter as an option, run on Prefect from this machine.
+``image-search query`` and ``image-search serve`` ask an index that a run built (no Prefect).
 
 The options are generated from :class:`~flows.params.SearchParams` by pydantic-settings'
 command-line source, so names, bounds, defaults and help are those of the flow's form in the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -22,10 +24,11 @@ from contextlib import contextmanager, nullcontext
 from types import FrameType
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     CliApp,
+    CliPositionalArg,
     CliSettingsSource,
     CliSubCommand,
     CliToggleFlag,
@@ -55,6 +58,75 @@ class RunCommand(SearchParams):
     )
 
 
+class QueryCommand(BaseModel):
+    """Find the nearest images of an index for each query image (no Prefect API needed)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    images: CliPositionalArg[list[str]] = Field(
+        description="Query images: image files, folders of images (searched recursively) or "
+        "http(s) URLs."
+    )
+    index: str = Field(
+        description="The index: the --out folder of a finished `image-search run`.", min_length=1
+    )
+    k: int = Field(10, ge=1, le=1000, description="Neighbours per query.")
+    as_json: CliToggleFlag[bool] = Field(
+        False, alias="json", description="Print the results as JSON instead of a table."
+    )
+    picture: str | None = Field(
+        None, description="Also draw each query with its neighbours into this PNG file."
+    )
+    weights: str | None = Field(
+        None,
+        description="Weights you expect the index to use ('imagenet', 'none' or a file); "
+        "refused when the index was built with others. Default: the index's own.",
+    )
+    traceback: CliToggleFlag[bool] = Field(
+        False, description="Show the full traceback of an unexpected error."
+    )
+
+
+class ServeCommand(BaseModel):
+    """Serve an index over HTTP: a page at /, POST /search, GET /images/ID, GET /healthz."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: str = Field(
+        description="The index: the --out folder of a finished `image-search run`; a run that "
+        "commits a new index there is picked up without a restart.",
+        min_length=1,
+    )
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0: every interface).")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    weights: str | None = Field(
+        None,
+        description="Weights you expect the index to use; refused when it was built with "
+        "others. Default: the index's own.",
+    )
+    max_upload_mb: float = Field(
+        20, gt=0, le=1024, description="Largest request body accepted, in MiB (413 beyond)."
+    )
+    max_pixels: int = Field(
+        50_000_000, ge=64, description="Largest image decoded, in pixels (413 beyond)."
+    )
+    max_concurrency: int = Field(
+        16, ge=1, le=1024, description="Searches in progress at once; more are answered 503."
+    )
+    max_batch: int = Field(
+        8, ge=1, le=256, description="Concurrent queries embedded and searched together."
+    )
+    reload_interval: float = Field(
+        2.0, gt=0, le=3600, description="Seconds between checks for a newly committed index."
+    )
+    traceback: CliToggleFlag[bool] = Field(
+        False, description="Show the full traceback of an unexpected error."
+    )
+
+
+Command = RunCommand | QueryCommand | ServeCommand
+
+
 class _Commands(BaseSettings):
     """Image-similarity search: STL-10 -> ResNet50 -> exact KNN on GPU and CPU."""
 
@@ -71,6 +143,8 @@ class _Commands(BaseSettings):
     )
 
     run: CliSubCommand[RunCommand]
+    query: CliSubCommand[QueryCommand]
+    serve: CliSubCommand[ServeCommand]
 
     @classmethod
     def settings_customise_sources(
@@ -93,8 +167,8 @@ def _long_options(parser: Any, *names: str, **kwargs: Any) -> Any:
     return parser.add_argument(*names, **kwargs)
 
 
-def parse(argv: Sequence[str]) -> RunCommand:
-    """The ``run`` command's options, validated.
+def parse(argv: Sequence[str]) -> Command:
+    """The chosen command's options, validated.
 
     Raises SystemExit (0 after ``--help``, 2 for a malformed command line, with argparse's
     usage) or ValidationError (a value out of bounds).
@@ -103,10 +177,13 @@ def parse(argv: Sequence[str]) -> RunCommand:
         _Commands, add_argument_method=_long_options
     )
     commands = CliApp.run(_Commands, cli_args=list(argv), cli_settings_source=source)
-    if commands.run is None:
-        source.root_parser.error("choose a command: run (see image-search run --help)")
+    chosen = commands.run or commands.query or commands.serve
+    if chosen is None:
+        source.root_parser.error(
+            "choose a command: run, query or serve (see image-search run --help)"
+        )
         raise SystemExit(EXIT_BAD_PARAMETERS)  # not reached: error() exits
-    return commands.run
+    return chosen
 
 
 class Terminated(BaseException):
@@ -275,6 +352,115 @@ def _run(params: SearchParams, show_traceback: bool) -> int:
     return 0
 
 
+def _asks(exc: ValidationError) -> bool:
+    """Whether ``exc`` is about the options of ``query`` or ``serve``."""
+    return any(err["loc"][:1] in (("query",), ("serve",)) for err in exc.errors())
+
+
+def _options_error(exc: ValidationError) -> str:
+    """One line per bad option of ``query``/``serve``: the option, the value, what is allowed."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        names = [p for p in err["loc"][1:] if isinstance(p, str)]
+        message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+        if names:
+            given = err.get("input")
+            shown = shlex.quote(given) if isinstance(given, str) else repr(given)
+            message = f"--{names[-1].replace('_', '-')} = {shown}: {message}"
+        lines.append(message)
+    return "invalid options:\n  " + "\n  ".join(lines)
+
+
+def _ask(command: QueryCommand | ServeCommand) -> int:
+    """Run ``query`` or ``serve``; the exit status. A user's mistake is one line, exit 1."""
+    try:
+        if isinstance(command, QueryCommand):
+            return _query(command)
+        return _serve(command)
+    except ImageSearchError as exc:
+        _error(str(exc))
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        _error("interrupted.")
+        return EXIT_INTERRUPTED
+    except Terminated:
+        _error("terminated.")
+        return EXIT_TERMINATED
+    except Exception as exc:
+        if command.traceback:
+            raise
+        _error(
+            f"unexpected {type(exc).__name__}: {exc}\n(run again with --traceback for the details)"
+        )
+        return EXIT_USER_ERROR
+
+
+def _query(command: QueryCommand) -> int:
+    """Answer the query images from the index: a table (or JSON) on stdout, and a picture."""
+    import json
+    from pathlib import Path
+
+    from tasks.query import (
+        answer_rows,
+        ask,
+        check_k,
+        format_table,
+        load_forward,
+        model_spec,
+        open_index,
+        picture,
+        query_sources,
+    )
+    from tasks.report.pictures import save_png
+
+    index = open_index(command.index)
+    spec = model_spec(index.meta, command.weights)
+    k = check_k(command.k, index)
+    uris = query_sources(command.images)  # a missing path is named before the model loads
+    if spec.weights == "none":
+        print(
+            f"{PROG}: note: the index was built with random weights; neighbours are exact but "
+            f"say nothing about what the images show.",
+            file=sys.stderr,
+        )
+    answers = ask(index, load_forward(spec), uris, k)
+    if command.as_json:
+        print(json.dumps(answer_rows(answers), indent=1))
+    else:
+        print(format_table(answers))
+    failed = [a for a in answers if a.error is not None]
+    if command.picture and len(failed) < len(answers):
+        save_png(picture(index, answers), Path(command.picture).expanduser())
+        print(f"{PROG}: picture written to {command.picture}", file=sys.stderr)
+    if failed:
+        for a in failed:
+            _error(f"{a.query}: {a.error}")
+        _error(f"{len(failed)} of {len(answers)} query images could not be used.")
+        return EXIT_USER_ERROR
+    return 0
+
+
+def _serve(command: ServeCommand) -> int:
+    """Serve the index until Ctrl-C or SIGTERM."""
+    from service.app import Limits
+    from service.server import serve
+
+    serve(
+        command.index,
+        host=command.host,
+        port=command.port,
+        weights=command.weights,
+        limits=Limits(
+            max_upload_bytes=int(command.max_upload_mb * 2**20),
+            max_pixels=command.max_pixels,
+            max_concurrency=command.max_concurrency,
+        ),
+        max_batch=command.max_batch,
+        reload_interval=command.reload_interval,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``image-search`` console script; returns the exit status."""
     try:
@@ -283,8 +469,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_PARAMETERS
     except ValidationError as exc:
         with cli_names():
-            _error(format_validation_error(exc))
+            _error(_options_error(exc) if _asks(exc) else format_validation_error(exc))
         return EXIT_BAD_PARAMETERS
+    if isinstance(command, QueryCommand | ServeCommand):
+        with _run_environment(), _stop_on_sigterm():
+            return _ask(command)
     params = SearchParams(**command.model_dump(exclude={"traceback"}))
     with cli_names(), _run_environment(), _stop_on_sigterm():
         try:
