@@ -29,6 +29,7 @@ from flows.params import (
     Seed,
     Source,
     SplitRatio,
+    Stl10Set,
     Tolerance,
     Weights,
 )
@@ -47,12 +48,13 @@ from tasks.search.backends import choose_backends, validate_k
 from tasks.search.knn import knn
 from tasks.sources.collection import (
     Collection,
+    LabelledStl10,
     Stl10Collection,
     is_collection_source,
     open_collection,
 )
-from tasks.sources.resolve import RETRIES, download_task
-from tasks.sources.stl10 import with_limit
+from tasks.sources.resolve import RETRIES, download_task, labelled_folder
+from tasks.sources.stl10 import EXTRACT_DIR, with_limit
 from tasks.split import SPLIT_FILE, check_split, split
 from tasks.storage import RunFolder, ensure_writable_dir, folder_lock
 
@@ -60,6 +62,7 @@ from tasks.storage import RunFolder, ensure_writable_dir, folder_lock
 @flow(name="image-search", log_prints=True)
 def image_search(
     source: Source = DEFAULTS.source,
+    stl10_set: Stl10Set = DEFAULTS.stl10_set,
     out: Out = DEFAULTS.out,
     data_dir: DataDir = DEFAULTS.data_dir,
     limit: Limit = DEFAULTS.limit,
@@ -89,6 +92,7 @@ def image_search(
     try:
         params = SearchParams(
             source=source,
+            stl10_set=stl10_set,
             out=out,
             data_dir=data_dir,
             limit=limit,
@@ -114,14 +118,29 @@ def image_search(
 
 def resolve_collection(params: SearchParams, out_dir: Path) -> Collection:
     """The collection ``params.source`` names: your images, or STL-10 (downloaded, verified)."""
-    if is_collection_source(params.source):
+    labelled = params.stl10_set == "labelled"
+    if is_collection_source(params.source) and not labelled:
         return open_collection(params.source, skip=[str(out_dir)], limit=params.limit)
+    if labelled and params.limit is not None:
+        raise ImageSearchError(
+            "--limit applies to the unlabeled set; leave it empty with --stl10-set labelled."
+        )
+    path = Path(params.source).expanduser()
+    for folder in (path, path / EXTRACT_DIR):
+        if labelled and (folder / "train_X.bin").is_file():
+            return LabelledStl10(str(labelled_folder(folder.resolve(), data_dir(params))))
     try:
         fetched = download_task()(params.source, params.data_dir)
     except TransientNetworkError as exc:  # still failing after every retry
         raise ImageSearchError(f"{exc} Gave up after {RETRIES + 1} attempts.") from exc
+    if labelled:
+        return LabelledStl10(str(labelled_folder(Path(fetched.uri).parent, data_dir(params))))
     dataset = with_limit(fetched, params.limit)
     return Stl10Collection(dataset.uri, dataset.rows)
+
+
+def data_dir(params: SearchParams) -> Path | None:
+    return Path(params.data_dir).expanduser() if params.data_dir else None
 
 
 def _search(params: SearchParams) -> dict[str, str]:

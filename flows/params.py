@@ -135,6 +135,14 @@ Backends = Annotated[
     ),
     NoneWord,
 ]
+Stl10Set = Annotated[
+    Literal["unlabeled", "labelled"],
+    _param(
+        "STL-10 sources only: 'unlabeled' indexes the 100,000 unlabeled images (split seeded); "
+        "'labelled' indexes the 5,000 labelled training images, queries with the 8,000 test "
+        "images and measures retrieval quality by class."
+    ),
+]
 InputSize = Annotated[
     int,
     _param(
@@ -168,6 +176,7 @@ class SearchParams(BaseModel):
     model_config = ConfigDict(extra="forbid", title="image-search parameters")
 
     source: Source = OFFICIAL_URL
+    stl10_set: Stl10Set = "unlabeled"
     out: Out = "image-search-out"
     data_dir: DataDir = None
     limit: Limit = None

@@ -45,6 +45,7 @@ CATALOG_SCHEMA = pa.schema(
         pa.field("height", pa.int32(), nullable=False),
         pa.field("label", pa.string()),
         pa.field("version", pa.string(), nullable=False),
+        pa.field("split", pa.string()),
     ]
 )
 ERRORS_SCHEMA = pa.schema(
@@ -75,6 +76,7 @@ class Catalog:
     height: np.ndarray
     label: list[str | None]
     version: list[str]
+    split: list[str | None]
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -99,6 +101,7 @@ def read_catalog(path: Path) -> Catalog:
         height=cols["height"].to_numpy(),
         label=cols["label"].to_pylist(),
         version=cols["version"].to_pylist(),
+        split=cols["split"].to_pylist(),
         meta=json.loads(meta) if meta else {},
     )
 
@@ -211,7 +214,8 @@ def build_catalog(
     stats.removed = sum(1 for uri in prev_rows if uri not in listed)
 
     known = store.load()
-    rows: list[tuple[int, str, str, int, int, str | None, str] | None] = [None] * len(items)
+    rows: list[tuple[int, str, str, int, int, str | None, str, str | None] | None]
+    rows = [None] * len(items)
     errors: list[tuple[int, str, str]] = []
     todo: list[int] = []
     for i, item in enumerate(items):
@@ -231,6 +235,7 @@ def build_catalog(
                 int(previous.height[p]),
                 item.label,
                 item.version,
+                item.split,
             )
             stats.unchanged += 1
         else:
@@ -302,6 +307,7 @@ def build_catalog(
                 prepared.height,
                 item.label,
                 item.version,
+                item.split,
             )
         flush_part()
 

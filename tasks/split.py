@@ -98,13 +98,31 @@ def catalog_ids(catalog: DataRef) -> np.ndarray:
     return np.sort(ids).astype(np.int64)
 
 
+def prescribed_split(catalog: DataRef) -> tuple[np.ndarray, np.ndarray] | None:
+    """(index_ids, query_ids) where the collection itself says which image is which (STL-10's
+    labelled sets: train is the index, test the queries); None for a seeded split."""
+    try:
+        table = pq.read_table(catalog.uri, columns=["image_id", "split"])
+    except (OSError, pa.ArrowInvalid, KeyError):
+        return None
+    roles = np.asarray(table.column("split").to_pylist(), dtype=object)
+    if all(r is None for r in roles):
+        return None
+    ids = table.column("image_id").to_numpy()
+    index_ids, query_ids = np.sort(ids[roles == "index"]), np.sort(ids[roles == "query"])
+    if not len(index_ids) or not len(query_ids):
+        raise ImageSearchError(f"{catalog.uri} prescribes an empty index or query side.")
+    return index_ids.astype(np.int64), query_ids.astype(np.int64)
+
+
 def split_dataset(catalog: DataRef, run: RunFolder, ratio: float, seed: int) -> SplitRef:
     """Split the catalog's images into ``split.parquet`` unless the same split is there."""
     stage = run.stage(
         "split", [catalog.fingerprint, catalog.rows, ratio, seed], [SPLIT_FILE], ["tasks.split"]
     )
     if stage.done() is None:
-        index_ids, query_ids = split_ids(catalog_ids(catalog), ratio, seed)
+        prescribed = prescribed_split(catalog)
+        index_ids, query_ids = prescribed or split_ids(catalog_ids(catalog), ratio, seed)
         write_split(stage.path(SPLIT_FILE), index_ids, query_ids)
         stage.finish(n_index=len(index_ids), n_query=len(query_ids))
     done = stage.info or {}

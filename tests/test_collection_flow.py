@@ -164,3 +164,34 @@ def test_too_many_broken_images_stop_the_run_and_keep_the_errors(
         state.result()
     assert pq.read_table(out / "errors.parquet").num_rows == 4
     assert not (out / "features").exists()
+
+
+def test_labelled_stl10_files_give_a_quality_table(
+    tmp_path: Path, reuse_random_resnet: None
+) -> None:
+    """STL-10's labelled layout (train_X/y.bin, test_X/y.bin, class_names.txt): the training
+    images form the index, the test images query it, and quality.json measures the search."""
+    from tasks.sources.sample import to_stl10_bytes
+
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    images_all, labels_all = class_images(25, 3, size=96, seed=2)  # one palette for both
+    within = np.arange(75) % 25
+    for name, rows in (("train", within < 20), ("test", within >= 20)):
+        images, labels = images_all[rows], labels_all[rows]
+        (folder / f"{name}_X.bin").write_bytes(to_stl10_bytes(images))
+        codes = np.array([int(str(lab).removeprefix("class")) + 1 for lab in labels], np.uint8)
+        (folder / f"{name}_y.bin").write_bytes(codes.tobytes())
+    (folder / "class_names.txt").write_text("red\ngreen\nblue\n")
+    out = tmp_path / "out"
+    outputs = run(folder, out, stl10_set="labelled")
+    assert "quality" in outputs
+    split = pq.read_table(out / "split.parquet").to_pandas()
+    assert sorted(split.loc[split["split"] == "index", "image_id"]) == list(range(60))
+    assert sorted(split.loc[split["split"] == "query", "image_id"]) == list(range(60, 75))
+    quality = json.loads((out / "quality.json").read_text())
+    assert quality["n_queries"] == 15 and quality["n_index_labelled"] == 60
+    assert {c["label"] for c in quality["per_class"]} == {"red", "green", "blue"}
+    assert quality["precision"]["1"] >= 0.9 and quality["map_at_10"] > 0.5
+    catalog = pq.read_table(out / "catalog.parquet").to_pandas()
+    assert catalog["uri"].iloc[0].endswith("train_X.bin::00") and catalog["label"].iloc[0] == "red"

@@ -79,6 +79,12 @@ def table(ids: np.ndarray, emb: np.ndarray) -> pa.Table:
     )
 
 
+def write_part(tbl: pa.Table, path: Path) -> None:
+    """Write one table of features (no provenance metadata) atomically: for tools and tests."""
+    with atomic_path(path) as tmp:
+        pq.write_table(tbl, tmp, row_group_size=ROWS_PER_PART, **WRITER_OPTIONS)
+
+
 def write_tables(tables: Iterable[pa.Table], dest: Path, metadata: dict[str, Any]) -> None:
     """Write ``tables`` (each one row group) into ``dest`` atomically, with ``metadata``."""
     schema = SCHEMA.with_metadata({META_KEY: json.dumps(metadata).encode()})

@@ -39,13 +39,16 @@ def member_problem(member: tarfile.TarInfo, dest_dir: Path) -> str | None:
 
 
 def extract_members(
-    tarball: Path, dest_dir: Path, members: dict[str, str | None]
+    tarball: Path,
+    dest_dir: Path,
+    members: dict[str, str | None],
+    optional: frozenset[str] = frozenset(),
 ) -> dict[str, Path]:
     """Extract just the named members (by base name) of ``tarball`` into ``dest_dir``.
 
     The whole tarball is refused if any member would be unsafe. Each wanted file is MD5-checked
     while it is written to a temporary name; all are renamed into place only after the whole
-    archive passed. Returns base name -> extracted path.
+    archive passed. Members named in ``optional`` may be absent. Returns base name -> path.
     """
     found: dict[str, Path] = {}
     staged: list[tuple[Path, Path]] = []
@@ -56,7 +59,7 @@ def extract_members(
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
-    missing = sorted(set(members) - set(found))
+    missing = sorted(set(members) - set(found) - optional)
     if missing:
         raise ImageSearchError(f"{tarball} holds no {', '.join(missing)}; it is not STL-10.")
     return found

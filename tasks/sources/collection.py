@@ -48,6 +48,7 @@ class Item:
     uri: str
     version: str
     label: str | None = None
+    split: str | None = None  # 'index' or 'query' where the collection prescribes it
 
 
 def is_image_name(name: str) -> bool:
@@ -398,8 +399,15 @@ class Stl10Collection(Collection):
 
     kind = "stl10"
 
-    def __init__(self, path: str, rows: int | None = None, labels: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        rows: int | None = None,
+        labels: str | None = None,
+        split: str | None = None,
+    ) -> None:
         super().__init__(path)
+        self.split = split
         self.path = Path(path)
         self.images = read_all_images(self.path, rows)
         self.rows = len(self.images)
@@ -422,7 +430,7 @@ class Stl10Collection(Collection):
         labels = self._labels()
         width = len(str(self.rows))
         return [
-            Item(f"{self.path}{SEP}{row:0{width}d}", "stl10", labels[row])
+            Item(f"{self.path}{SEP}{row:0{width}d}", "stl10", labels[row], self.split)
             for row in range(self.rows)
         ]
 
@@ -461,7 +469,51 @@ class Stl10Collection(Collection):
             "source": str(self.path),
             "rows": self.rows,
             "labels": self.labels_path,
+            "split": self.split,
         }
+
+
+class LabelledStl10(Collection):
+    """STL-10's labelled sets as one collection: the 5,000 training images form the index and
+    the 8,000 test images query it (``train_X.bin``/``train_y.bin``, ``test_X.bin``/``test_y.bin``
+    and ``class_names.txt`` in one folder)."""
+
+    kind = "stl10-labelled"
+    has_labels = True
+
+    def __init__(self, folder: str) -> None:
+        super().__init__(folder)
+        self.folder = Path(folder)
+        self.parts = [
+            Stl10Collection(
+                str(self.folder / f"{name}_X.bin"),
+                labels=str(self.folder / f"{name}_y.bin"),
+                split=role,
+            )
+            for name, role in (("train", "index"), ("test", "query"))
+        ]
+
+    def _part(self, uri: str) -> Stl10Collection:
+        return next(p for p in self.parts if uri.startswith(f"{p.path}{SEP}"))
+
+    def listing(self) -> list[Item]:
+        return [item for part in self.parts for item in part.listing()]
+
+    def read(self, uri: str) -> bytes:
+        return self._part(uri).read(uri)
+
+    def decode(self, data: bytes, size: int) -> Decoded:
+        return self.parts[0].decode(data, size)
+
+    def picture(self, data: bytes) -> tuple[bytes, str]:
+        return self.parts[0].picture(data)
+
+    def stream(self, items: list[Item], workers: int | None = None) -> Iterator[bytes | BadImage]:
+        for item in items:
+            yield self.read(item.uri)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "source": str(self.folder)}
 
 
 def is_collection_source(source: str) -> bool:
@@ -533,5 +585,12 @@ def _open(source: str, skip: Iterable[str]) -> Collection:
 def reopen(described: dict[str, Any]) -> Collection:
     """The collection a catalog's metadata describes (see :meth:`Collection.describe`)."""
     if described.get("kind") == "stl10":
-        return Stl10Collection(described["source"], described.get("rows"), described.get("labels"))
+        return Stl10Collection(
+            described["source"],
+            described.get("rows"),
+            described.get("labels"),
+            described.get("split"),
+        )
+    if described.get("kind") == "stl10-labelled":
+        return LabelledStl10(described["source"])
     return open_collection(described["source"], limit=described.get("limit"))

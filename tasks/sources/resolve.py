@@ -26,8 +26,11 @@ from tasks.sources.fetch import download_file
 from tasks.sources.sample import ensure_sample
 from tasks.sources.stl10 import (
     EXTRACT_DIR,
+    LABELLED,
+    LABELLED_SIZES,
     OFFICIAL,
     OFFICIAL_URL,
+    OPTIONAL,
     TARBALL_NAME,
     UNLABELED,
     WANTED,
@@ -100,7 +103,7 @@ def _read_only(data_dir: Path) -> ImageSearchError:
 
 def _extract_into_cache(tarball: Path, data_dir: Path, checksums: Checksums) -> DataRef:
     wanted = {name: checksums.members.get(name) for name in WANTED}
-    found = extract_members(tarball, data_dir / EXTRACT_DIR, wanted)
+    found = extract_members(tarball, data_dir / EXTRACT_DIR, wanted, OPTIONAL)
     target = found[UNLABELED]
     return dataset_ref(target, verify_file(target, checksums.members.get(UNLABELED), data_dir))
 
@@ -157,6 +160,28 @@ def _from_folder(folder: Path, data_dir: Path, checksums: Checksums) -> DataRef:
         f"Folder {folder} holds neither {UNLABELED} nor {TARBALL_NAME}; point --source at the "
         f"folder that does."
     )
+
+
+def labelled_folder(
+    folder: Path, data_dir: Path | None = None, checksums: Checksums | None = None
+) -> Path:
+    """``folder`` checked to hold STL-10's labelled sets. Files of the official size are
+    MD5-verified; files of another size are taken as STL-10-format data, like a ``.bin``."""
+    checksums = OFFICIAL if checksums is None else checksums
+    missing = [name for name in LABELLED if not (folder / name).is_file()]
+    if missing:
+        raise ImageSearchError(
+            f"Folder {folder} lacks {', '.join(missing)}: the labelled sets come in the STL-10 "
+            f"tarball (stl10_binary/); point --source at the tarball, its URL or the folder "
+            f"holding train_X.bin, train_y.bin, test_X.bin and test_y.bin."
+        )
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    for name, size in LABELLED_SIZES.items():
+        path = folder / name
+        if path.stat().st_size == size and checksums.members.get(name):
+            with data_lock(data_dir) as writable:  # the MD5 memo lives in the data cache
+                verify_file(path, checksums.members[name], data_dir) if writable else None
+    return folder
 
 
 def retry_backoff() -> float:

@@ -29,14 +29,30 @@ class Checksums:
     max_tarball_bytes: int | None = None
 
 
+# The labelled sets: 5,000 training and 8,000 test images, labels 1..10 (one byte each).
+LABELLED = {
+    "train_X.bin": "918c2871b30a85fa023e0c44e0bee87f",
+    "train_y.bin": "5a34089d4802c674881badbb80307741",
+    "test_X.bin": "7f263ba9f9e0b06b93213547f721ac82",
+    "test_y.bin": "36f9794fa4beb8a2c72628de14fa638e",
+}
+LABELLED_SIZES = {
+    "train_X.bin": 5000 * IMAGE_BYTES,
+    "train_y.bin": 5000,
+    "test_X.bin": 8000 * IMAGE_BYTES,
+    "test_y.bin": 8000,
+}
+CLASS_NAMES = "class_names.txt"
+
 OFFICIAL = Checksums(
     tarball="91f7769df0f17e558f3565bffb0c7dfb",
-    members={UNLABELED: "5242ba1fed5e4be9e1e742405eb56ca4"},
+    members={UNLABELED: "5242ba1fed5e4be9e1e742405eb56ca4", **LABELLED},
     # The official tarball is 2.64 GB; a response that grows past this is not it.
     max_tarball_bytes=2_700_000_000,
 )
-# The search uses the 100,000 unlabeled images; the labelled files are not extracted.
-WANTED = (UNLABELED,)
+# The search uses the 100,000 unlabeled images; the labelled sets come along when present.
+WANTED = (UNLABELED, *LABELLED, CLASS_NAMES)
+OPTIONAL = frozenset({*LABELLED, CLASS_NAMES})
 
 
 def count_images(path: Path) -> int:
