@@ -9,7 +9,12 @@ winners of every query are then re-measured exactly from their difference vector
 so the distances agree with a float64 reference to rounding, not to float32 cancellation.
 
 Ranking uses ``|x|²/2 − q·x`` (``|q|²`` and the factor 2 do not change the order); ties are
-broken by the lower index position, as a stable sort of the distances would.
+broken by the lower index position, as a stable sort of the distances would. Float32 GEMM may
+round two *identical* rows differently (their columns fall in different BLAS tiles), so the
+refined search selects a few extra candidates, re-measures them in float64 and orders them by
+(distance, position); a row whose extra candidates are not provably beyond the k-th winner's
+float32 error bound re-measures every row inside that bound. The answer is thus the first k of
+a stable sort of the float64 distances, whatever the tiling.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ _ROW_BYTES_L2 = 768 * 2**10
 # Up to this k, k argmin passes (~10 µs each per 90,000-wide row in L2) beat one partition
 # (~800 µs per row); measured on the benchmark machine.
 _ARGMIN_MAX_K = 32
+# Candidates beyond k that the refined search re-measures in float64 before it needs a proof.
+_EXTRA = 2
+_MEASURE_ROWS = (
+    128  # candidates measured together in the proven path (2 MiB: float32 gather + float64)
+)
+_U32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,8 @@ class PreparedIndex:
 
     data: np.ndarray
     half_sq_norms: np.ndarray
+    max_norm: float = 0.0
+    """Largest ``|x|`` (float64): scales the float32 error bound of every score."""
 
     @property
     def n_index(self) -> int:
@@ -70,7 +83,9 @@ def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"Expected {name} to hold real numbers, but {name}.dtype = {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
+    flat = arr.reshape(-1)
+    step = 1 << 20  # checked a slice at a time: no mask the size of the input
+    if not all(np.isfinite(flat[i : i + step]).all() for i in range(0, flat.size, step)):
         raise ValueError(f"Expected finite values, but {name} contains NaN or infinity")
     return arr
 
@@ -84,7 +99,8 @@ def prepare_index(index: np.ndarray) -> PreparedIndex:
     if data.shape[0] == 0 or data.shape[1] == 0:
         raise ValueError(f"Expected a non-empty index, but index.shape = {data.shape}")
     half = np.einsum("ij,ij->i", data, data, dtype=np.float64) * 0.5
-    return PreparedIndex(data=data, half_sq_norms=half.astype(np.float32))
+    max_norm = float(np.sqrt(2.0 * half.max()))
+    return PreparedIndex(data=data, half_sq_norms=half.astype(np.float32), max_norm=max_norm)
 
 
 def check_search(n_index: int, dim: int, query_dim: int, k: object, block: object) -> int:
@@ -149,10 +165,71 @@ def _select(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _exact_distances(data: np.ndarray, queries: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Euclidean distances (rows, k) in float64 from the difference vectors."""
+    """Euclidean distances (rows, m) in float64 from the difference vectors.
+
+    Each distance is a sum over one contiguous difference vector of length d, so its bits
+    depend only on the query and the row, never on how many rows are measured together.
+    """
     diff = data[pos].astype(np.float64)
-    diff -= queries[:, None, :]
-    return np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+    diff -= queries[:, None, :].astype(np.float64)
+    diff *= diff
+    return np.sqrt(diff.sum(axis=-1))
+
+
+def score_error_bound(prepared: PreparedIndex, queries: np.ndarray) -> np.ndarray:
+    """Upper bound (rows,) on |float32 score − exact score| of ``|x|²/2 − q·x`` for every row.
+
+    A float32 dot product of length d errs by at most ``d·u·|q|·|x|`` (Cauchy–Schwarz on the
+    standard bound); the rounded half norm and the subtraction add ``u·(|x|² + |q|·|x|)``.
+    """
+    d = prepared.dim
+    qn = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
+    xn = prepared.max_norm
+    return (d + 4) * _U32 * (qn * xn + xn * xn) * 1.01
+
+
+def _refine_exact(
+    prepared: PreparedIndex,
+    queries: np.ndarray,
+    scores: np.ndarray,
+    pos: np.ndarray,
+    sel: np.ndarray,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact k nearest by (float64 distance, position) from float32 candidates.
+
+    ``pos``/``sel`` (rows, m >= k) are the m lowest float32 scores, ascending; ``scores`` are
+    the rows' float32 scores (selected entries may be overwritten). Rows whose m-th candidate is
+    not provably beyond the k-th winner re-measure every row within the error bound.
+    """
+    dist = _exact_distances(prepared.data, queries, pos)
+    order = np.lexsort((pos, dist), axis=-1)  # float64 order, ties by position
+    pos = np.take_along_axis(pos, order, axis=1)
+    dist = np.take_along_axis(dist, order, axis=1)
+    n = scores.shape[1]
+    if pos.shape[1] >= n:
+        return dist[:, :k], pos[:, :k]
+    qq = np.einsum("ij,ij->i", queries, queries, dtype=np.float64)
+    kth_score = (dist[:, k - 1] ** 2 - qq) / 2  # the k-th winner's exact score
+    bound = score_error_bound(prepared, queries)
+    # Every row not selected has a float32 score >= the m-th selected one.
+    unsure = np.flatnonzero(sel[:, -1].astype(np.float64) - bound <= kth_score + bound)
+    out_d, out_p = dist[:, :k].copy(), pos[:, :k].copy()
+    for i in unsure:
+        q = queries[i : i + 1]
+        # Selection overwrote the picked scores with +inf; they are candidates already.
+        cand = np.flatnonzero(scores[i] <= np.float32(kth_score[i] + 2 * bound[i]))
+        cand = np.union1d(cand, pos[i])
+        # Measured a slice at a time: a row with thousands of equal candidates stays small.
+        cd = np.concatenate(
+            [
+                _exact_distances(prepared.data, q, cand[None, j : j + _MEASURE_ROWS])[0]
+                for j in range(0, cand.size, _MEASURE_ROWS)
+            ]
+        )
+        best = np.lexsort((cand, cd))[:k]
+        out_d[i], out_p[i] = cd[best], cand[best]
+    return out_d, out_p
 
 
 def _finish_rows(
@@ -165,19 +242,21 @@ def _finish_rows(
     pos_out: np.ndarray,
 ) -> None:
     """Turn ``q·x`` rows into the k nearest: score, select, measure, order. Writes the outputs."""
-    step = max(1, _ROW_BYTES_L2 // (4 * scores.shape[1]))
+    n = scores.shape[1]
+    # Rows per pass: their scores fit L2, and their candidates' float32 gather + float64
+    # difference vectors stay within one measurement slice.
+    per_row = min(n, k + _EXTRA) * prepared.dim * 12
+    step = max(1, min(_ROW_BYTES_L2 // (4 * n), _MEASURE_ROWS * prepared.dim * 12 // per_row))
     half = prepared.half_sq_norms
     for r0 in range(0, scores.shape[0], step):
         sub = scores[r0 : r0 + step]
         np.subtract(half, sub, out=sub)  # |x|²/2 − q·x: the ranking score, in place
         q = queries[r0 : r0 + step]
-        pos, best = _select(sub, k)
         if refine:
-            dist = _exact_distances(prepared.data, q, pos)
-            order = np.lexsort((pos, dist), axis=-1)  # float64 order, ties by position
-            pos = np.take_along_axis(pos, order, axis=1)
-            dist = np.take_along_axis(dist, order, axis=1)
+            pos, sel = _select(sub, min(n, k + _EXTRA))
+            dist, pos = _refine_exact(prepared, q, sub, pos, sel, k)
         else:
+            pos, best = _select(sub, k)
             qq = np.einsum("ij,ij->i", q, q)[:, None]
             dist = np.sqrt(np.maximum(qq + 2.0 * best, 0.0))  # clamp cancellation below zero
         dist_out[r0 : r0 + step] = dist
@@ -191,6 +270,8 @@ def search_prepared(
     block: int | None = None,
     *,
     refine: bool = True,
+    float64: bool = False,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest rows of the prepared index for every query.
 
@@ -207,13 +288,18 @@ def search_prepared(
     refine : bool, default True
         Re-measure the k winners exactly in float64; False returns the float32 GEMM distances
         (negative squared values clamped to zero before the root).
+    float64 : bool, default False
+        Return the refined distances in float64 as measured (a merge of shards orders by them).
+    threads : int, optional
+        Threads for selection and re-measurement (default: every core this process may use).
 
     Returns
     -------
-    distances : ndarray of shape (n_queries, k), float32
+    distances : ndarray of shape (n_queries, k), float32 (float64 when asked)
         True Euclidean distances, ascending per row.
     indices : ndarray of shape (n_queries, k), int64
-        Row positions into the index; equal distances are ordered by lower position.
+        Row positions into the index; with ``refine`` they are the first k of a stable sort of
+        the float64 distances, so equal distances are ordered by lower position.
     """
     q = _as_matrix(queries, "queries")
     n_index = prepared.n_index
@@ -222,13 +308,13 @@ def search_prepared(
         block = default_block(n_index)
 
     n_queries = q.shape[0]
-    distances = np.empty((n_queries, k), dtype=np.float32)
+    distances = np.empty((n_queries, k), dtype=np.float64 if float64 else np.float32)
     indices = np.empty((n_queries, k), dtype=np.int64)
     if n_queries == 0:
         return distances, indices
     block = min(block, n_queries)
     scratch = np.empty((block, n_index), dtype=np.float32)  # reused: no page faults per block
-    workers = min(cpu_count(), block)
+    workers = min(threads or cpu_count(), block)
     data_t = prepared.data.T
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for b0 in range(0, n_queries, block):

@@ -1,0 +1,1 @@
+"""The Dask cluster of GPU worker pods, rendered by dask-kubernetes' own code."""

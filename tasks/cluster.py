@@ -1,0 +1,379 @@
+"""Where the sharded search runs: the ``cluster`` setting, the Prefect task runner it names, the
+Kubernetes ``DaskCluster`` of GPU worker pods, and the search stage that runs on it.
+
+``cluster`` is one of: empty/None (in this process, shard after shard: nothing changes on a
+laptop), ``local:N`` (a ``distributed.LocalCluster`` of N worker processes × 1 thread),
+``tcp://HOST:PORT`` (a running Dask scheduler) or ``kubernetes`` (a ``DaskCluster`` created
+through the dask-kubernetes operator from :class:`DaskGpuVariables`, read from the
+``IMAGE_SEARCH_DASK_VARIABLES`` environment variable as JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tasks.errors import ImageSearchError
+from tasks.features.embed import Features
+from tasks.search.backends import SearchRun, validate_k
+from tasks.search.knn import KNN_DIR, stage_name
+from tasks.search.shards import Shard, ShardResult, merge_topk, plan_shards, search_shard
+from tasks.storage import RunFolder, atomic_path
+
+SHARDED = "sharded"
+VARIABLES_ENV = "IMAGE_SEARCH_DASK_VARIABLES"
+ACCEPTED = (
+    "none (in this process), local:N (N worker processes here), tcp://HOST:PORT (a running "
+    "Dask scheduler) or kubernetes (worker pods through the Dask operator)"
+)
+_TCP = re.compile(r"tcp://(?P<host>[A-Za-z0-9.\-_]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})")
+MAX_LOCAL_WORKERS = 256
+
+
+@dataclass(frozen=True)
+class ClusterSetting:
+    """A parsed ``cluster`` setting."""
+
+    kind: Literal["in-process", "local", "address", "kubernetes"]
+    workers: int | None = None
+    address: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "local":
+            return f"local:{self.workers}"
+        if self.kind == "address":
+            return str(self.address)
+        return self.kind
+
+
+def parse_cluster(value: str | None) -> ClusterSetting:
+    """The setting for ``value``; anything else is a one-line error naming it and the forms."""
+    if value is None or value.strip() in ("", "none"):
+        return ClusterSetting("in-process")
+    text = value.strip()
+    if text == "kubernetes":
+        return ClusterSetting("kubernetes")
+    if text.startswith("local:"):
+        count = text.removeprefix("local:")
+        if not count.isdigit() or not 1 <= int(count) <= MAX_LOCAL_WORKERS:
+            raise ImageSearchError(
+                f"cluster = {value!r}: local:N needs a whole number of workers N from 1 to "
+                f"{MAX_LOCAL_WORKERS}, e.g. local:2."
+            )
+        return ClusterSetting("local", workers=int(count))
+    if text.startswith("tcp://"):
+        found = _TCP.fullmatch(text)
+        if found is None or not 1 <= int(found.group("port")) <= 65535:
+            raise ImageSearchError(
+                f"cluster = {value!r}: a scheduler address is tcp://HOST:PORT with a port from "
+                f"1 to 65535, e.g. tcp://scheduler:8786."
+            )
+        return ClusterSetting("address", address=text)
+    raise ImageSearchError(f"cluster = {value!r} is not a cluster; use {ACCEPTED}.")
+
+
+# --- Kubernetes: the DaskCluster of GPU worker pods ------------------------------------------
+
+ECI_TYPE = "k8s.aliyun.com/eci-use-specs"
+ECI_AUTO_IMC = "k8s.aliyun.com/eci-auto-imc"
+ECI_IMC_ID = "k8s.aliyun.com/eci-imc-id"
+ECI_SNAPSHOT = "k8s.aliyun.com/eci-image-snapshot-id"
+RUN_AS = 10001  # the image's user, as in the flow-run pod
+
+
+class DaskGpuVariables(BaseModel):
+    """Every setting of the Dask cluster's pods; defaults are those of the work pool's GPU job
+    (node selector, tolerations, GPU limit, ECI annotations), so workers land where runs do."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("image-search-dask", description="DaskCluster name (a DNS label)")
+    namespace: str = "image-search"
+    image: str | None = Field(None, description="the flow-run image of the same commit")
+    n_workers: int = Field(2, ge=1, description="worker pods")
+    threads_per_worker: int = Field(1, ge=1)
+    gpu_count: int = Field(1, ge=0, description="nvidia.com/gpu limit of each worker")
+    eci_instance_type: str | None = "ecs.gn6i-c4g1.xlarge"
+    cpu_request: str = "3"
+    memory_request: str = "12Gi"
+    node_selector: dict[str, str] = {"type": "virtual-kubelet"}
+    tolerations: list[dict[str, Any]] = [
+        {"key": "virtual-kubelet.io/provider", "operator": "Exists"}
+    ]
+    eci_auto_image_cache: str | None = "true"
+    eci_image_cache_id: str | None = None
+    eci_image_snapshot_id: str | None = None
+    image_pull_secrets: list[dict[str, str]] = [{"name": "registry-credentials"}]
+    pvc_name: str = "image-search-shared"
+    shared_mount_path: str = "/shared"
+    prefect_api_url: str = "http://prefect-server.prefect.svc.cluster.local:4200/api"
+    scheduler_cpu: str = "1"
+    scheduler_memory: str = "2Gi"
+    idle_timeout: int = Field(3600, ge=0, description="seconds idle before the operator deletes")
+
+
+def _pod_annotations(v: DaskGpuVariables, gpu: bool) -> dict[str, str]:
+    """ECI annotations of a pod; empty ones left out, not sent empty."""
+    found = {
+        ECI_TYPE: v.eci_instance_type if gpu else None,
+        ECI_AUTO_IMC: v.eci_auto_image_cache,
+        ECI_IMC_ID: v.eci_image_cache_id,
+        ECI_SNAPSHOT: v.eci_image_snapshot_id,
+    }
+    return {key: value for key, value in found.items() if value}
+
+
+def _place(pod: dict[str, Any], v: DaskGpuVariables) -> None:
+    """Node, tolerations, pull secrets, shared volume and non-root user of one pod spec."""
+    pod["nodeSelector"] = dict(v.node_selector)
+    pod["tolerations"] = [dict(t) for t in v.tolerations]
+    pod["imagePullSecrets"] = [dict(s) for s in v.image_pull_secrets]
+    pod["securityContext"] = {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS}
+    pod["volumes"] = [{"name": "shared", "persistentVolumeClaim": {"claimName": v.pvc_name}}]
+    for c in pod["containers"]:
+        c["volumeMounts"] = [{"name": "shared", "mountPath": v.shared_mount_path}]
+
+
+def render_cluster_spec(v: DaskGpuVariables) -> dict[str, Any]:
+    """The ``DaskCluster`` resource, from dask-kubernetes' own ``make_cluster_spec``, with the
+    GPU pod's placement added: (apiVersion kubernetes.dask.org/v1, kind DaskCluster)."""
+    from dask_kubernetes.operator import make_cluster_spec
+
+    if not v.image:
+        raise ImageSearchError(
+            "The Dask cluster needs the flow-run image: set image in "
+            f"{VARIABLES_ENV} (the gpu deployment passes its build's image)."
+        )
+    env = {
+        "PREFECT_API_URL": v.prefect_api_url,
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks",
+        "IMAGE_SEARCH_DATA": f"{v.shared_mount_path.rstrip('/')}/cache",
+    }
+    # A quantity as a string: the operator's CRD types resource values as strings.
+    limits = {"nvidia.com/gpu": str(v.gpu_count)}
+    spec: dict[str, Any] = make_cluster_spec(
+        name=v.name,
+        image=v.image,
+        n_workers=v.n_workers,
+        resources={
+            "requests": {"cpu": v.cpu_request, "memory": v.memory_request},
+            "limits": limits,
+        },
+        env=env,
+        worker_command=f"dask worker --nthreads {v.threads_per_worker}",
+        idle_timeout=v.idle_timeout,
+    )
+    spec["metadata"]["namespace"] = v.namespace
+    worker, scheduler = spec["spec"]["worker"], spec["spec"]["scheduler"]
+    worker["metadata"] = {"annotations": _pod_annotations(v, gpu=True)}
+    scheduler["metadata"] = {"annotations": _pod_annotations(v, gpu=False)}
+    scheduler["spec"]["containers"][0]["resources"] = {
+        "requests": {"cpu": v.scheduler_cpu, "memory": v.scheduler_memory}
+    }
+    _place(worker["spec"], v)
+    _place(scheduler["spec"], v)
+    return spec
+
+
+def kubernetes_variables(environ: dict[str, str] | None = None) -> DaskGpuVariables:
+    """The cluster's variables from ``IMAGE_SEARCH_DASK_VARIABLES`` (JSON), defaults elsewhere."""
+    raw = (os.environ if environ is None else environ).get(VARIABLES_ENV, "") or "{}"
+    try:
+        return DaskGpuVariables.model_validate(json.loads(raw))
+    except (ValueError, ValidationError) as exc:
+        first = str(exc).splitlines()
+        detail = " ".join(first[:3]) if first else repr(exc)
+        raise ImageSearchError(f"{VARIABLES_ENV} is not valid ({detail}); fix the JSON.") from None
+
+
+# --- The Prefect task runner for a setting ---------------------------------------------------
+
+
+def task_runner(setting: ClusterSetting | str | None) -> Any:
+    """prefect-dask's ``DaskTaskRunner`` for the setting; None for in-process."""
+    from prefect_dask import DaskTaskRunner
+
+    s = setting if isinstance(setting, ClusterSetting) else parse_cluster(setting)
+    if s.kind == "in-process":
+        return None
+    if s.kind == "address":
+        return DaskTaskRunner(address=s.address)
+    if s.kind == "local":
+        return DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={
+                "n_workers": s.workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            },
+        )
+    v = kubernetes_variables()
+    return DaskTaskRunner(
+        cluster_class="dask_kubernetes.operator.KubeCluster",
+        cluster_kwargs={
+            "custom_cluster_spec": render_cluster_spec(v),
+            "namespace": v.namespace,
+            "shutdown_on_close": True,
+        },
+    )
+
+
+def default_shards(setting: ClusterSetting) -> int | None:
+    """One shard per worker thread where the setting says how many; None: ask the cluster."""
+    if setting.kind == "local":
+        return setting.workers
+    if setting.kind == "kubernetes":
+        v = kubernetes_variables()
+        return v.n_workers * v.threads_per_worker
+    if setting.kind == "in-process":
+        return 1
+    return None
+
+
+# --- The sharded search as Prefect tasks in a nested flow ------------------------------------
+
+
+def _blas_threads() -> int:
+    """Threads BLAS may use here (Dask's nanny sets 1 per worker process)."""
+    from threadpoolctl import threadpool_info
+
+    found = [int(p.get("num_threads", 1)) for p in threadpool_info() if p.get("user_api") == "blas"]
+    return max(found, default=1)
+
+
+@task(cache_policy=NO_CACHE)
+def shard_search(shard: Shard, query_path: str, k: int, trace_memory: bool = False) -> ShardResult:
+    """Prefect task: one shard's top k of every query (its rows only)."""
+    return search_shard(shard, query_path, k, threads=_blas_threads(), trace_memory=trace_memory)
+
+
+@task(cache_policy=NO_CACHE)
+def merge_shards(results: list[ShardResult], k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Prefect task: the global top k; returns (distances, ids, merge seconds)."""
+    t0 = time.perf_counter()
+    dist, ids = merge_topk(results, k)
+    return dist, ids, time.perf_counter() - t0
+
+
+@flow(name="image-search-sharded-search")
+def sharded_search(
+    index_path: str,
+    query_path: str,
+    k: int,
+    n_shards: int | None = None,
+    trace_memory: bool = False,
+) -> dict[str, Any]:
+    """Map the shard search over the index's shards on this flow's task runner, then merge.
+
+    Returns query ids (n,), distances (n, k) float64, neighbour ids (n, k) and per-shard stats.
+    """
+    if n_shards is None:
+        from prefect.context import FlowRunContext
+
+        context = FlowRunContext.get()
+        client = getattr(context.task_runner if context else None, "client", None)
+        n_shards = max(1, sum(client.nthreads().values())) if client is not None else 1
+    shards = plan_shards(index_path, n_shards)
+    futures = shard_search.map(shards, unmapped(query_path), unmapped(k), unmapped(trace_memory))
+    results = [f.result() for f in futures]
+    dist, ids, merge_s = merge_shards(results, k)
+    return {
+        "query_ids": results[0].query_ids,
+        "distances": dist,
+        "neighbor_ids": ids,
+        "merge_seconds": merge_s,
+        "shards": [
+            {
+                "rows": r.index_rows,
+                "index_bytes": r.index_bytes,
+                "query_block_bytes": r.query_block_bytes,
+                "seconds": round(r.seconds, 4),
+                "peak_traced_bytes": r.peak_traced_bytes,
+            }
+            for r in results
+        ],
+    }
+
+
+def run_sharded(
+    index_path: Path,
+    query_path: Path,
+    k: int,
+    dest: Path,
+    cluster: str | None,
+    n_shards: int | None = None,
+) -> SearchRun:
+    """The sharded search on the cluster the setting names; neighbours (image ids) to ``dest``.
+
+    ``search_seconds`` is the nested flow's wall time, cluster start included (an honest cost
+    of the Dask path); the merge's own time is in ``details``.
+    """
+    setting = parse_cluster(cluster)
+    t0 = time.perf_counter()
+    rows = int(sum(s.rows for s in plan_shards(index_path, 1)))
+    validate_k(k, rows)
+    load_s = time.perf_counter() - t0
+    runner = task_runner(setting)
+    n = n_shards if n_shards is not None else default_shards(setting)
+    search = sharded_search if runner is None else sharded_search.with_options(task_runner=runner)
+    t0 = time.perf_counter()
+    out = search(str(index_path), str(query_path), k, n)
+    search_s = time.perf_counter() - t0
+    with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f,
+            query_ids=out["query_ids"],
+            distances=out["distances"].astype(np.float32),
+            neighbor_ids=out["neighbor_ids"],
+        )
+    return SearchRun(
+        backend=SHARDED,
+        device="cpu",
+        available=True,
+        path=str(dest),
+        n_queries=len(out["query_ids"]),
+        k=k,
+        load_seconds=load_s,
+        fit_seconds=0.0,
+        search_seconds=search_s,
+        cores_used=None,  # spread over worker processes: this process's clock says nothing
+        details={
+            "cluster": setting.describe(),
+            "shards": out["shards"],
+            "merge_seconds": round(out["merge_seconds"], 4),
+        },
+    )
+
+
+def search_features_sharded(
+    features: Features, run: RunFolder, k: int, cluster: str | None
+) -> SearchRun:
+    """The ``sharded`` backend: like :func:`tasks.search.knn.search_features`, staged the same
+    way. The answer does not depend on the cluster, so the cluster is not part of the key."""
+    parse_cluster(cluster)  # a bad setting stops here, before anything runs
+    rel = f"{KNN_DIR}/{SHARDED}.npz"
+    stage = run.stage(
+        stage_name(SHARDED),
+        [features.index.fingerprint, features.query.fingerprint, SHARDED, k],
+        [rel],
+        code=["tasks.search", "tasks.cluster"],
+    )
+    done = stage.done()
+    if done is not None:
+        result = SearchRun.model_validate(done["run"])
+    else:
+        result = run_sharded(features.index.path, features.query.path, k, stage.path(rel), cluster)
+        result = result.model_copy(update={"path": rel})
+        stage.finish(run=result.model_dump())
+    return result.model_copy(update={"path": str(stage.path(rel).relative_to(run.out))})
