@@ -17,6 +17,7 @@ from flows.image_search import image_search
 from flows.params import SearchParams
 from tasks.catalog import META_KEY
 from tasks.errors import ImageSearchError
+from tasks.sources.collection import SEP
 from tests.test_quality import class_images
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -194,4 +195,4 @@ def test_labelled_stl10_files_give_a_quality_table(
     assert {c["label"] for c in quality["per_class"]} == {"red", "green", "blue"}
     assert quality["precision"]["1"] >= 0.9 and quality["map_at_10"] > 0.5
     catalog = pq.read_table(out / "catalog.parquet").to_pandas()
-    assert catalog["uri"].iloc[0].endswith("train_X.bin::00") and catalog["label"].iloc[0] == "red"
+    assert catalog["uri"].iloc[0].endswith(f"train_X.bin{SEP}00") and catalog["label"].iloc[0] == "red"

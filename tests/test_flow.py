@@ -19,6 +19,9 @@ from tasks.errors import ImageSearchError
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 EXPECTED = {
+    "catalog.parquet",
+    "errors.parquet",
+    "duplicates.parquet",
     "samples.png",
     "split.parquet",
     "features",
@@ -62,6 +65,8 @@ def test_flow_on_sample_end_to_end_and_rerun_is_free(
     assert neighbors.num_rows == 2 * 30 * 3
     assert pq.read_table(out / "features" / "index.parquet").num_rows == 270
     assert artifact_keys(state.state_details.flow_run_id) == {
+        "catalog",
+        "duplicates",
         "samples",
         "features",
         "backends",

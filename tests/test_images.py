@@ -18,6 +18,7 @@ from tasks.errors import ImageSearchError
 from tasks.sources.collection import (
     ArchiveCollection,
     FolderCollection,
+    SEP,
     ListCollection,
     is_collection_source,
     open_collection,
@@ -165,7 +166,7 @@ def test_tar_and_zip_archives(tmp_path: Path) -> None:
         archive = open_collection(str(path))
         assert isinstance(archive, ArchiveCollection)
         items = archive.items()
-        assert [i.uri.rsplit("::", 1)[1] for i in items] == ["set/x/1.png", "set/x/2.jpg"]
+        assert [i.uri.rsplit(SEP, 1)[1] for i in items] == ["set/x/1.png", "set/x/2.jpg"]
         got = list(archive.stream(items))
         assert got[0] == files["set/x/1.png"] and got[1] == b"broken"
         assert archive.read(items[0].uri) == files["set/x/1.png"]
