@@ -59,7 +59,10 @@ def load(
     spec = model_spec(index.meta, weights)
     if previous is not None and previous.index.model_key == index.model_key:
         return Loaded(index, spec, previous.forward)
-    return Loaded(index, spec, build(spec))
+    forward = build(spec)
+    size = spec.input_size
+    forward(np.zeros((1, size, size, 3), dtype=np.uint8))  # trace now, not on the first request
+    return Loaded(index, spec, forward)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ const $ = (id) => document.getElementById(id);
 async function describe() {
   try {
     const h = await (await fetch("/healthz")).json();
-    $("index").textContent = `Index: ${h.images} images, ResNet50 (${h.weights} weights), ` +
+    const weights = h.weights === "none" ? "random" : h.weights;
+    $("index").textContent = `Index: ${h.images} images, ResNet50 (${weights} weights), ` +
       `input ${h.input_size}px` + (h.problem ? ` (note: ${h.problem})` : "");
   } catch (e) { $("index").textContent = "The service does not answer."; }
 }

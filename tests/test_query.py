@@ -95,12 +95,22 @@ def describe(out: Path) -> dict[int, Path]:
     return {int(i): Path(index.uri(p)) for p, i in enumerate(index.ids)}
 
 
+_BUILT: dict[str, Built] = {}
+
+
+def shared_index(tmp_path_factory: pytest.TempPathFactory, random_resnet: Any) -> Built:
+    """One index of 24 generated images per test session, whichever module asks first."""
+    if "index" not in _BUILT:
+        base = tmp_path_factory.mktemp("query-index")
+        write_images(base / "images", 24)
+        build_index(base / "images", base / "out", random_resnet)
+        _BUILT["index"] = Built(base / "images", base / "out", describe(base / "out"))
+    return _BUILT["index"]
+
+
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory, random_resnet: Any) -> Built:
-    base = tmp_path_factory.mktemp("query-index")
-    write_images(base / "images", 24)
-    build_index(base / "images", base / "out", random_resnet)
-    return Built(base / "images", base / "out", describe(base / "out"))
+    return shared_index(tmp_path_factory, random_resnet)
 
 
 @pytest.fixture(scope="session")

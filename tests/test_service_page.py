@@ -1,0 +1,94 @@
+"""The page at ``/`` in headless Debian Chromium: pick an index image, see its neighbours'
+thumbnails load with their distances, itself first at distance 0; a non-image shows the
+service's message. Screenshots land in test-artifacts/service/ (the result, and any failure)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_query import Built
+from tests.test_service import Service, copy_index, start_service
+from tests.test_service import index as index  # the shared index fixture
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "service"
+
+
+@pytest.fixture(scope="module")
+def page_service(tmp_path_factory: pytest.TempPathFactory, index: Built) -> Iterator[Service]:
+    base = tmp_path_factory.mktemp("page")
+    running = start_service(copy_index(index.out, base / "index"), base / "serve.log")
+    yield running
+    running.proc.terminate()
+    running.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def page(page_service: Service, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A fresh page at / ; a screenshot of it is saved when the test fails."""
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(page_service.url + "/")
+            failed_before = request.session.testsfailed
+            yield page
+            # The test's own report is counted before its fixtures are torn down.
+            if request.session.testsfailed > failed_before:
+                page.screenshot(path=str(SCREENSHOTS / f"{request.node.name}-failed.png"))
+        finally:
+            browser.close()
+
+
+def test_pick_an_image_and_see_its_neighbours(page: Any, index: Built) -> None:
+    image_id, path = index.some(1)[0]
+    page.get_by_text("Index: 22 images").wait_for(timeout=30_000)
+    page.fill("#k", "4")
+    page.set_input_files("[data-testid=file]", str(path))
+    figures = page.locator("[data-testid=results] figure.result")
+    figures.nth(3).wait_for(timeout=60_000)
+    assert figures.count() == 4
+    first = figures.nth(0).locator("figcaption").inner_text()
+    assert first.split()[:5] == ["#1", "distance", "0.0000", "id", str(image_id)]
+    assert first.split()[-1] == str(path)
+    # Every thumbnail was fetched from /images/ID and decoded by the browser.
+    widths = page.eval_on_selector_all(
+        "[data-testid=results] img",
+        "imgs => Promise.all(imgs.map(i => i.decode().then(() => i.naturalWidth)))",
+    )
+    assert len(widths) == 4 and all(w > 0 for w in widths)
+    assert page.locator("#query img").count() == 1
+    assert "neighbours in" in page.inner_text("[data-testid=status]")
+    page.screenshot(path=str(SCREENSHOTS / "neighbours.png"), full_page=True)
+
+
+def test_a_non_image_shows_the_services_message(page: Any, tmp_path: Path) -> None:
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is text")
+    page.set_input_files("[data-testid=file]", str(bad))
+    error = page.locator("[data-testid=error]")
+    error.get_by_text("Not usable as an image").wait_for(timeout=30_000)
+    assert "not an image Pillow can identify" in error.inner_text()
+    assert page.locator("[data-testid=results] figure").count() == 0
