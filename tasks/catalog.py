@@ -182,7 +182,10 @@ def assign_ids(items: list[Item], previous: dict[str, int], next_id: int) -> tup
     return ids, next_id
 
 
-def build_catalog(
+Outcome = tuple[str, int, int] | str  # (sha256 hex, width, height), or why the image failed
+
+
+def embed_items(
     collection: Collection,
     items: list[Item],
     store: EmbeddingStore,
@@ -190,13 +193,88 @@ def build_catalog(
     *,
     input_size: int,
     batch_size: int,
+    progress: bool = True,
+) -> tuple[list[Outcome], int]:
+    """Read, hash and decode ``items`` (in parallel, in order), embedding every content the
+    store lacks through ``make_forward()`` (built on first need: (B, S, S, 3) uint8 ->
+    (B, 2048) float32) and appending it in parts of :data:`PART_ROWS`.
+
+    Returns one outcome per item and the number of images embedded. A content met twice is
+    embedded once. This is the unit of work a Dask worker runs on its shard.
+    """
+    known = store.load()
+    outcomes: list[Outcome] = []
+    batch_pixels: list[np.ndarray] = []
+    batch_digests: list[bytes] = []
+    part_digests: list[bytes] = []
+    part_rows: list[np.ndarray] = []
+    pending: set[bytes] = set()
+    forward: Callable[[np.ndarray], np.ndarray] | None = None
+    embedded = 0
+
+    def run_batch() -> None:
+        nonlocal forward, embedded
+        if not batch_pixels:
+            return
+        if forward is None:
+            forward = make_forward()
+        part_rows.append(forward(np.stack(batch_pixels)))
+        part_digests.extend(batch_digests)
+        embedded += len(batch_digests)
+        batch_pixels.clear()
+        batch_digests.clear()
+
+    def flush_part() -> None:
+        run_batch()
+        if part_digests:
+            store.append(list(part_digests), np.concatenate(part_rows))
+            pending.difference_update(part_digests)
+            part_digests.clear()
+            part_rows.clear()
+
+    def seen(digest: bytes) -> bool:
+        return digest in known or digest in pending
+
+    workers = max(2, cpu_count())
+    bar = tqdm(total=len(items), unit="img", desc="catalog", disable=not progress)
+    with bar, ThreadPoolExecutor(max_workers=workers) as pool:
+        stream = collection.stream(items, workers)
+
+        def prepare(data: bytes | BadImage) -> _Prepared | BadImage:
+            return _prepare(collection, data, input_size, seen)
+
+        for item, prepared in zip(items, _ordered(pool, prepare, stream, workers * 4), strict=True):
+            bar.update(1)
+            if isinstance(prepared, BadImage):
+                outcomes.append(prepared.reason)
+                continue
+            digest = prepared.digest
+            if not seen(digest):
+                if prepared.pixels is None:  # known when read, compacted since: impossible
+                    raise RuntimeError(f"content of {item.uri} vanished from the store")
+                pending.add(digest)
+                batch_pixels.append(prepared.pixels)
+                batch_digests.append(digest)
+                if len(batch_pixels) >= batch_size:
+                    run_batch()
+                if len(part_digests) >= PART_ROWS:
+                    flush_part()
+            outcomes.append((digest.hex(), prepared.width, prepared.height))
+        flush_part()
+    return outcomes, embedded
+
+
+def build_catalog(
+    items: list[Item],
+    store: EmbeddingStore,
+    process: Callable[[list[Item]], tuple[list[Outcome], int]],
+    *,
     previous: Catalog | None,
     previous_errors: dict[str, int],
-    progress: bool = True,
 ) -> tuple[pa.Table, pa.Table, Stats, int]:
-    """One pass over ``items``: ids, digests and sizes; every new content embedded into
-    ``store`` through the forward pass ``make_forward()`` builds on first need
-    ((B, S, S, 3) uint8 -> (B, 2048) float32): a pass with nothing new builds no model.
+    """The catalog of ``items``: stable ids; unchanged images (same URI and version, content in
+    the store) taken from ``previous`` without a read; the rest handed to ``process`` (e.g.
+    :func:`embed_items`, in this process or sharded over a cluster).
 
     Returns (catalog table, errors table, counters, next unused id).
     """
@@ -227,89 +305,22 @@ def build_catalog(
             and item.version != "missing"
             and bytes.fromhex(previous.sha256[p]) in known
         ):
-            rows[i] = (
-                int(ids[i]),
-                item.uri,
-                previous.sha256[p],
-                int(previous.width[p]),
-                int(previous.height[p]),
-                item.label,
-                item.version,
-                item.split,
-            )
+            sha, width, height = previous.sha256[p], previous.width[p], previous.height[p]
+            rows[i] = (int(ids[i]), item.uri, sha, int(width), int(height), *_tail(item))
             stats.unchanged += 1
         else:
             todo.append(i)
 
-    batch_pixels: list[np.ndarray] = []
-    batch_digests: list[bytes] = []
-    part_digests: list[bytes] = []
-    part_rows: list[np.ndarray] = []
-    pending: set[bytes] = set()
-
-    forward: Callable[[np.ndarray], np.ndarray] | None = None
-
-    def run_batch() -> None:
-        nonlocal forward
-        if not batch_pixels:
-            return
-        if forward is None:
-            forward = make_forward()
-        part_rows.append(forward(np.stack(batch_pixels)))
-        part_digests.extend(batch_digests)
-        stats.embedded += len(batch_digests)
-        batch_pixels.clear()
-        batch_digests.clear()
-
-    def flush_part() -> None:
-        run_batch()
-        if part_digests:
-            store.append(list(part_digests), np.concatenate(part_rows))
-            pending.difference_update(part_digests)
-            part_digests.clear()
-            part_rows.clear()
-
-    todo_items = [items[i] for i in todo]
-    workers = max(2, cpu_count())
-    bar = tqdm(total=len(todo), unit="img", desc="catalog", disable=not progress)
-    with bar, ThreadPoolExecutor(max_workers=workers) as pool:
-        stream = collection.stream(todo_items, workers)
-
-        def prepare(data: bytes | BadImage) -> _Prepared | BadImage:
-            return _prepare(collection, data, input_size, lambda d: d in known or d in pending)
-
-        for i, prepared in zip(todo, _ordered(pool, prepare, stream, workers * 4), strict=True):
-            item = items[i]
-            stats.read += 1
-            bar.update(1)
-            if isinstance(prepared, BadImage):
-                errors.append((int(ids[i]), item.uri, prepared.reason))
-                stats.errors += 1
-                continue
-            digest = prepared.digest
-            if digest in known or digest in pending:
-                pass  # the same content as an image embedded before: embedded once
-            elif prepared.pixels is not None:
-                pending.add(digest)
-                batch_pixels.append(prepared.pixels)
-                batch_digests.append(digest)
-                if len(batch_pixels) >= batch_size:
-                    run_batch()
-                if len(part_digests) >= PART_ROWS:
-                    flush_part()
-            else:  # known when read, then compacted away: cannot happen within one pass
-                raise RuntimeError(f"content of {item.uri} vanished from the embedding store")
-            rows[i] = (
-                int(ids[i]),
-                item.uri,
-                digest.hex(),
-                prepared.width,
-                prepared.height,
-                item.label,
-                item.version,
-                item.split,
-            )
-        flush_part()
+    outcomes, stats.embedded = process([items[i] for i in todo])
+    stats.read = len(todo)
+    for i, outcome in zip(todo, outcomes, strict=True):
+        item = items[i]
+        if isinstance(outcome, str):
+            errors.append((int(ids[i]), item.uri, outcome))
+            stats.errors += 1
+        else:
+            sha, width, height = outcome
+            rows[i] = (int(ids[i]), item.uri, sha, width, height, *_tail(item))
 
     done = [r for r in rows if r is not None]
     stats.duplicates = len(done) - len({r[2] for r in done})
@@ -320,6 +331,10 @@ def build_catalog(
         [dict(zip(ERRORS_SCHEMA.names, e, strict=True)) for e in errors], schema=ERRORS_SCHEMA
     )
     return catalog.sort_by("image_id"), errs.sort_by("image_id"), stats, next_id
+
+
+def _tail(item: Item) -> tuple[str | None, str, str | None]:
+    return item.label, item.version, item.split
 
 
 def write_catalog(path: Path, table: pa.Table, meta: dict[str, Any]) -> None:

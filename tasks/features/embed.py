@@ -25,8 +25,10 @@ from tasks.catalog import (
     CATALOG_FILE,
     ERRORS_FILE,
     CatalogRef,
+    Outcome,
     build_catalog,
     digests_of,
+    embed_items,
     read_catalog,
     write_catalog,
     write_errors,
@@ -43,7 +45,7 @@ from tasks.features.model import (
     weights_identity,
 )
 from tasks.report import artifact_key
-from tasks.sources.collection import Collection
+from tasks.sources.collection import Collection, Item
 from tasks.split import SplitRef, read_split
 from tasks.storage import DataRef, RunFolder
 
@@ -159,16 +161,20 @@ def catalog_collection(
                 )
             )
         model_meta: dict[str, Any] = {}
+
+        def process(todo: list[Item]) -> tuple[list[Outcome], int]:
+            return embed_items(
+                collection,
+                todo,
+                content,
+                forward_factory(spec, model_meta),
+                input_size=spec.input_size,
+                batch_size=batch_size,
+                progress=progress,
+            )
+
         table, errors, stats, next_id = build_catalog(
-            collection,
-            items,
-            content,
-            forward_factory(spec, model_meta),
-            input_size=spec.input_size,
-            batch_size=batch_size,
-            previous=prev,
-            previous_errors=prev_errors,
-            progress=progress,
+            items, content, process, previous=prev, previous_errors=prev_errors
         )
         if model_meta:
             content.describe(model_meta)
