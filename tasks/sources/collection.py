@@ -36,6 +36,8 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", "
 LIST_SUFFIXES = (".parquet", ".csv")
 URI_COLUMNS = ("uri", "path", "url", "file", "filename")
 SEP = "::"
+# Folders on these fsspec file systems are collections (s3fs, gcsfs, adlfs: install the extra).
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")
 MAX_IMAGE_BYTES = 256 * 2**20  # one image file larger than this is refused, not read
 HTTP_TIMEOUT_S = 30.0
 
@@ -200,7 +202,14 @@ class FolderCollection(Collection):
         super().__init__(source)
         import fsspec.core
 
-        self.fs, root = fsspec.core.url_to_fs(source)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(source)
+        except ImportError as exc:
+            extra = "gcs" if source.startswith(("gs:", "gcs:")) else "s3"
+            raise ImageSearchError(
+                f"Source {source!r} needs a file system package that is not installed ({exc}); "
+                f"pip install 'image-search[{extra}]'."
+            ) from exc
         self.root = root.rstrip("/")
         self.local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
         self.skip = tuple(s.rstrip("/") + "/" for s in skip)
@@ -521,10 +530,8 @@ def is_collection_source(source: str) -> bool:
     from tasks.sources.stl10 import EXTRACT_DIR, TARBALL_NAME, UNLABELED
 
     scheme = source.split("://", 1)[0].lower() if "://" in source else ""
-    if scheme in ("http", "https", "file"):
-        return False  # a URL of the STL-10 tarball
     if scheme:
-        return True  # s3://, gs://, memory://, ...: a folder on an object store
+        return scheme in OBJECT_STORES  # http(s)/file: the STL-10 tarball; others: unsupported
     path = Path(source).expanduser()
     name = path.name.lower()
     if path.is_dir():
@@ -566,7 +573,7 @@ def open_collection(source: str, skip: Iterable[str] = (), limit: int | None = N
 
 def _open(source: str, skip: Iterable[str]) -> Collection:
     scheme = source.split("://", 1)[0].lower() if "://" in source else ""
-    if scheme:
+    if scheme in OBJECT_STORES:
         return FolderCollection(source, skip)
     path = Path(source).expanduser()
     name = path.name.lower()

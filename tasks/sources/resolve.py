@@ -65,8 +65,9 @@ def download_and_extract(
         return _from_url(source, data_dir, checksums)
     if scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive
         raise ImageSearchError(
-            f"Unsupported source {source!r}: scheme {scheme!r} is not one of http, https, file. "
-            f"Use a URL, a tarball path, a folder, a .bin file or 'sample'."
+            f"Unsupported source {source!r}: scheme {scheme!r} is not one of http, https, file "
+            f"(STL-10) or s3, gs, az (a folder of images). Use a URL, a tarball path, a folder, "
+            f"an archive or list of images, a .bin file or 'sample'."
         )
     path = Path(source).expanduser()
     if path.is_dir():
