@@ -58,10 +58,10 @@ def _how_to_build(folder: Path) -> str:
 
 def index_identity(folder: Path) -> str | None:
     """What changes whenever a run commits a new index into ``folder``: inode, size and mtime of
-    the features, the catalog and their stage records (a commit replaces each by rename). None
-    when the folder holds no features file."""
+    the features file and of its stage record (a commit renames each into place, the catalog
+    before them, the record last). None when the folder holds no features file."""
     parts = []
-    for rel in (FEATURES, CATALOG_FILE, *RECORDS.values()):
+    for rel in (FEATURES, RECORDS[FEATURES]):
         try:
             st = os.stat(folder / rel)
         except OSError:
