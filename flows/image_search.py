@@ -46,6 +46,7 @@ from tasks.report.report import RESULTS_FILE, report
 from tasks.report.samples import SAMPLES_FILE, show
 from tasks.search.backends import choose_backends, validate_k
 from tasks.search.knn import knn
+from tasks.sources.cache import default_data_dir
 from tasks.sources.collection import (
     Collection,
     LabelledStl10,
@@ -54,6 +55,7 @@ from tasks.sources.collection import (
     open_collection,
 )
 from tasks.sources.resolve import RETRIES, download_task, labelled_folder
+from tasks.sources.sample import ensure_labelled_sample
 from tasks.sources.stl10 import EXTRACT_DIR, with_limit
 from tasks.split import SPLIT_FILE, check_split, split
 from tasks.storage import RunFolder, ensure_writable_dir, folder_lock
@@ -125,6 +127,8 @@ def resolve_collection(params: SearchParams, out_dir: Path) -> Collection:
         raise ImageSearchError(
             "--limit applies to the unlabeled set; leave it empty with --stl10-set labelled."
         )
+    if labelled and params.source.strip() == "sample":
+        return LabelledStl10(str(ensure_labelled_sample(data_dir(params) or default_data_dir())))
     path = Path(params.source).expanduser()
     for folder in (path, path / EXTRACT_DIR):
         if labelled and (folder / "train_X.bin").is_file():

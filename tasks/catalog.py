@@ -27,7 +27,7 @@ from tasks.errors import ImageSearchError
 from tasks.features.content import EmbeddingStore
 from tasks.hardware import cpu_count
 from tasks.sources.collection import Collection, Item, reopen
-from tasks.sources.images import BadImage, Decoded, open_image
+from tasks.sources.images import BadImage, Decoded
 from tasks.storage import DataRef, atomic_path
 
 log = logging.getLogger(__name__)
@@ -147,10 +147,8 @@ def _prepare(
     digest = hashlib.sha256(data).digest()
     try:
         if known(digest):  # already embedded: only its size is needed
-            if collection.kind == "stl10":
-                return _Prepared(digest, 96, 96, None)
-            img = open_image(data)
-            return _Prepared(digest, img.width, img.height, None)
+            width, height = collection.measure(data)
+            return _Prepared(digest, width, height, None)
         decoded: Decoded = collection.decode(data, size)
     except BadImage as exc:
         return exc

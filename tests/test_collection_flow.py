@@ -178,6 +178,7 @@ def test_labelled_stl10_files_give_a_quality_table(
     folder.mkdir()
     images_all, labels_all = class_images(25, 3, size=96, seed=2)  # one palette for both
     within = np.arange(75) % 25
+    images_all[20] = images_all[0]  # a test image that is a copy of a training image
     for name, rows in (("train", within < 20), ("test", within >= 20)):
         images, labels = images_all[rows], labels_all[rows]
         (folder / f"{name}_X.bin").write_bytes(to_stl10_bytes(images))
@@ -195,4 +196,6 @@ def test_labelled_stl10_files_give_a_quality_table(
     assert {c["label"] for c in quality["per_class"]} == {"red", "green", "blue"}
     assert quality["precision"]["1"] >= 0.9 and quality["map_at_10"] > 0.5
     catalog = pq.read_table(out / "catalog.parquet").to_pandas()
+    assert len(catalog) == 75 and pq.read_table(out / "errors.parquet").num_rows == 0
+    assert catalog_stats(out)["duplicates"] == 1 and catalog_stats(out)["embedded"] == 74
     assert catalog["uri"].iloc[0].endswith(f"train_X.bin{SEP}00") and catalog["label"].iloc[0] == "red"

@@ -27,7 +27,7 @@ import numpy as np
 
 from tasks.errors import ImageSearchError
 from tasks.hardware import cpu_count
-from tasks.sources.images import BadImage, Decoded, decode_image, encode_png, fit
+from tasks.sources.images import BadImage, Decoded, decode_image, encode_png, fit, open_image
 from tasks.sources.stl10 import IMAGE_BYTES, check_limit, read_all_images, release_pages
 from tasks.storage import TEMP_PREFIX
 
@@ -90,6 +90,11 @@ class Collection(ABC):
     def decode(self, data: bytes, size: int) -> Decoded:
         """Model input (size, size, 3) uint8 from the bytes :meth:`read` gave."""
         return decode_image(data, size)
+
+    def measure(self, data: bytes) -> tuple[int, int]:
+        """(width, height) of an image from its header, without decoding the pixels."""
+        img = open_image(data)
+        return img.width, img.height
 
     def picture(self, data: bytes) -> tuple[bytes, str]:
         """The image file to show a person: (bytes, media type)."""
@@ -463,6 +468,9 @@ class Stl10Collection(Collection):
             pixels = fit(Image.fromarray(np.ascontiguousarray(pixels)), size)
         return Decoded(pixels=np.ascontiguousarray(pixels), width=96, height=96)
 
+    def measure(self, data: bytes) -> tuple[int, int]:
+        return 96, 96
+
     def picture(self, data: bytes) -> tuple[bytes, str]:
         return encode_png(self.pixels(data)), "image/png"
 
@@ -513,6 +521,9 @@ class LabelledStl10(Collection):
 
     def decode(self, data: bytes, size: int) -> Decoded:
         return self.parts[0].decode(data, size)
+
+    def measure(self, data: bytes) -> tuple[int, int]:
+        return 96, 96
 
     def picture(self, data: bytes) -> tuple[bytes, str]:
         return self.parts[0].picture(data)

@@ -79,3 +79,55 @@ def ensure_sample(data_dir: Path, n: int = SAMPLE_IMAGES) -> DataRef:
             with atomic_path(target) as tmp:
                 tmp.write_bytes(to_stl10_bytes(make_sample_images(n)))
     return DataRef(uri=str(target), rows=n, fingerprint=f"sample-{file_digest(target)[:12]}")
+
+
+LABELLED_DIR = f"sample-{SAMPLE_VERSION}-labelled"
+BANDS = 5  # each photo is cut into 5 vertical bands; a band is a class
+LABELLED_TRAIN, LABELLED_TEST = 50, 80  # per class: STL-10's 500 and 800, a tenth
+
+
+def make_labelled_sample(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Crops labelled by where they come from: class = (photo, vertical band), 10 classes.
+
+    Crops (side 64 px up to the band's width, resized to 96) stay inside their band, so
+    images of a class overlap in content and those of different classes do not. Returns
+    images (n, 96, 96, 3) uint8, labels (n,) uint8 1..10 (STL-10's coding), class names.
+    """
+    rng = np.random.default_rng(seed)
+    photos = _photographs()
+    names, images, labels = [], [], []
+    for p, (photo, stem) in enumerate(zip(photos, ("china", "flower"), strict=True)):
+        w, h = photo.size
+        band = w // BANDS
+        for b in range(BANDS):
+            names.append(f"{stem}-{b + 1}")
+            for _ in range(n_per_class):
+                side = int(rng.integers(64, band + 1))
+                x = b * band + int(rng.integers(0, band - side + 1))
+                y = int(rng.integers(0, h - side + 1))
+                crop = photo.crop((x, y, x + side, y + side))
+                images.append(np.asarray(crop.resize((96, 96), Image.Resampling.BILINEAR)))
+                labels.append(p * BANDS + b + 1)
+    return np.stack(images).astype(np.uint8), np.asarray(labels, np.uint8), names
+
+
+def ensure_labelled_sample(data_dir: Path) -> Path:
+    """Write the labelled sample (STL-10's labelled layout: train_X/y.bin, test_X/y.bin,
+    class_names.txt) into ``data_dir`` once and return its folder."""
+    folder = data_dir / LABELLED_DIR
+    with data_lock(data_dir, (LABELLED_DIR,)) as writable:
+        if not (folder / "class_names.txt").is_file():
+            if not writable:
+                raise ImageSearchError(
+                    f"Data cache {str(data_dir)!r} is read-only and holds no labelled sample; "
+                    f"choose a writable --data-dir."
+                )
+            for name, n, seed in (("train", LABELLED_TRAIN, 1), ("test", LABELLED_TEST, 2)):
+                images, labels, names = make_labelled_sample(n, seed)
+                with atomic_path(folder / f"{name}_X.bin") as tmp:
+                    tmp.write_bytes(to_stl10_bytes(images))
+                with atomic_path(folder / f"{name}_y.bin") as tmp:
+                    tmp.write_bytes(labels.tobytes())
+            with atomic_path(folder / "class_names.txt") as tmp:  # written last: the marker
+                tmp.write_text("\n".join(names) + "\n")
+    return folder
