@@ -39,6 +39,16 @@ register(
 )
 register("decode", "benchmarks.decode:decode", "Memory-map 100,000 STL-10 images")
 register(
+    "decoders",
+    "benchmarks.collections:decoders",
+    "Decode photo-sized JPEG/PNG/WebP to model input: Pillow, draft, simplejpeg, pyvips",
+)
+register(
+    "incremental",
+    "benchmarks.collections:incremental",
+    "Re-index a folder grown by 1 % against a cold index",
+)
+register(
     "embed",
     "benchmarks.pipeline:embed_overhead",
     "Embed stage throughput over a bare forward pass",
