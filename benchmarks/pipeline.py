@@ -49,26 +49,29 @@ def _stl10_file(path: Path, n: int) -> Path:
 
 
 def embed_overhead(quick: bool = False) -> dict[str, Any]:
-    """Images/s of the embed stage (memory map -> forward -> Parquet) over a bare compiled
-    forward pass on preallocated input, per batch size; plus the opt-in bfloat16 path."""
+    """Images/s of the catalog pass (memory map -> SHA-256 -> forward -> embedding store) over
+    a bare compiled forward pass on preallocated input, per batch size; plus bfloat16."""
     n = 128 if quick else 1024
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
         return _embed_overhead(Path(tmp), n, quick)
 
 
 def _embed_overhead(tmp: Path, n: int, quick: bool) -> dict[str, Any]:
-    from tasks.features.embed import embed_split
+    from tasks.catalog import embed_items
+    from tasks.features.content import EmbeddingStore
     from tasks.features.model import build_model, make_forward
-    from tasks.sources.stl10 import read_all_images
+    from tasks.sources.collection import Stl10Collection
 
     repeats = 3
     batch_sizes = [32] if quick else [16, 32, 64, 128]
-    images = read_all_images(_stl10_file(tmp / "x.bin", n))
-    ids = np.arange(n, dtype=np.int64)
+    collection = Stl10Collection(str(_stl10_file(tmp / "x.bin", n)))
+    items = collection.items()
+    images = collection.images
     model, _ = build_model("none", seed=0)
     forward = make_forward(model)
     pre = np.ascontiguousarray(images[: max(batch_sizes)])
     rows, raw = [], {}
+    fresh = iter(range(10**6))
     for bs in batch_sizes:
         forward(pre[:bs])  # trace and warm up
 
@@ -79,10 +82,18 @@ def _embed_overhead(tmp: Path, n: int, quick: bool) -> dict[str, Any]:
             return n / (time.perf_counter() - t0)
 
         def stage(bs: int = bs) -> float:
-            dest = tmp / f"f{bs}.parquet"
-            dest.unlink(missing_ok=True)
+            """The catalog pass: read, hash, embed into an empty store."""
+            store = EmbeddingStore(tmp / f"out{next(fresh)}", "k")
             t0 = time.perf_counter()
-            embed_split(images, ids, forward, dest, f"k{bs}", {}, bs, progress=False)
+            embed_items(
+                collection,
+                items,
+                store,
+                lambda: forward,
+                input_size=96,
+                batch_size=bs,
+                progress=False,
+            )
             return n / (time.perf_counter() - t0)
 
         bare_runs, stage_runs = [], []
