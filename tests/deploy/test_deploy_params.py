@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow
 
 DEPLOYMENTS = pytest.mark.parametrize(
     "name",
-    ["gpu", "local"],
+    ["gpu", "local", "photos"],
     # Not the bare word `gpu`: that is the marker of tests that need a GPU.
-    ids=["gpu-deployment", "local-deployment"],
+    ids=["gpu-deployment", "local-deployment", "photos-deployment"],
 )
 
 

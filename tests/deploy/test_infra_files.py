@@ -360,7 +360,8 @@ def test_prefect_yaml_shares_pieces_through_definitions() -> None:
     assert deployment_config("local")["work_pool"] == definitions["work_pools"]["local_process"]
     assert deployment_config("gpu")["build"] == definitions["actions"]["build_image"]
     assert deployment_config("local")["build"] == definitions["actions"]["checkout_path"]
-    assert len(re.findall(r"\*entrypoint\b", raw)) == 2
+    assert len(re.findall(r"\*entrypoint\b", raw)) == 3
+    assert deployment_config("photos")["schedules"] == [definitions["schedules"]["hourly"]]
 
 
 def test_deployment_parameters_are_valid_search_params() -> None:
@@ -371,6 +372,9 @@ def test_deployment_parameters_are_valid_search_params() -> None:
     assert gpu.out.startswith("/shared/")
     assert (local.source, local.weights) == ("sample", "none")
     assert local.limit is not None and local.limit <= 500
+    photos = SearchParams(**deployment_config("photos")["parameters"])
+    assert photos.source.startswith("/shared/") and photos.out.startswith("/shared/")
+    assert photos.input_size == 224 and photos.weights == "imagenet"
 
 
 class FakeDocker:
