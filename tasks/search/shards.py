@@ -16,7 +16,7 @@ import itertools
 import time
 import tracemalloc
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +72,6 @@ class ShardResult:
     query_block_bytes: int
     seconds: float
     peak_traced_bytes: int | None = None
-    stats: dict[str, float] = field(default_factory=dict)
 
 
 def _feature_file(path: str | Path) -> pq.ParquetFile:
@@ -114,7 +113,7 @@ def plan_shards(path: str | Path, n_shards: int) -> list[Shard]:
     ]
 
 
-def _to_numpy(tbl: pa.Table) -> tuple[np.ndarray, np.ndarray]:  # one query block
+def _to_numpy(tbl: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """(ids (n,) int64, embeddings (n, d) float32) of a feature table, one copy of the values."""
     ids = tbl.column("image_id").to_numpy()
     emb_col = tbl.column("embedding")
