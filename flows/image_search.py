@@ -15,6 +15,7 @@ from flows.params import (
     DEFAULTS,
     Backends,
     BatchSize,
+    Cluster,
     DataDir,
     GpuMemoryFraction,
     InputSize,
@@ -35,6 +36,7 @@ from flows.params import (
 )
 from flows.reporting import failed, quiet_user_errors, separate_folders, show_task_logs
 from tasks.catalog import CATALOG_FILE, ERRORS_FILE, check_error_rate
+from tasks.cluster import search_features_sharded
 from tasks.compare import COMPARE_FILE, NEIGHBORS_FILE, compare, stages_of
 from tasks.errors import ImageSearchError, TransientNetworkError
 from tasks.features.embed import FEATURES_DIR, ModelSpec, catalog, check_input_size, embed
@@ -78,6 +80,7 @@ def image_search(
     max_error_rate: MaxErrorRate = DEFAULTS.max_error_rate,
     gpu_memory_fraction: GpuMemoryFraction = DEFAULTS.gpu_memory_fraction,
     backends: Backends = DEFAULTS.backends,
+    cluster: Cluster = DEFAULTS.cluster,
     k: K = DEFAULTS.k,
     tolerance: Tolerance = DEFAULTS.tolerance,
     n_results: NResults = DEFAULTS.n_results,
@@ -108,6 +111,7 @@ def image_search(
             max_error_rate=max_error_rate,
             gpu_memory_fraction=gpu_memory_fraction,
             backends=backends,
+            cluster=cluster,
             k=k,
             tolerance=tolerance,
             n_results=n_results,
@@ -173,7 +177,7 @@ def _search(params: SearchParams) -> dict[str, str]:
         n_index, _ = check_split(len(collection.items()), params.split_ratio)
         validate_k(params.k, n_index)
         # Every stage writes into the staging area; the outputs in place change only below.
-        catalog_ref = catalog(collection, out, spec, params.batch_size)
+        catalog_ref = catalog(collection, out, spec, params.batch_size, params.cluster)
         try:
             check_error_rate(catalog_ref, params.max_error_rate)
         except ImageSearchError:
@@ -187,6 +191,8 @@ def _search(params: SearchParams) -> dict[str, str]:
         features = embed(catalog_ref, split_ref, out, spec)
         # Backends run one after another: each gets every core, so the timings are honest.
         runs = [knn(features, out, name, params.k) for name in backends]
+        if params.cluster is not None:  # a nested flow on the Dask task runner
+            runs.append(search_features_sharded(features, run, params.k, params.cluster))
         summary = compare(runs, features, out, params.tolerance)
         evaluation = evaluate_task(catalog_ref, features, out)
         report(summary, runs, features, catalog_ref, out, params.n_results, params.seed)

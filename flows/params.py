@@ -161,6 +161,16 @@ MaxErrorRate = Annotated[
         le=1,
     ),
 ]
+Cluster = Annotated[
+    str | None,
+    _param(
+        "Where the sharded work runs: none (this process, the default), local:N (a Dask "
+        "LocalCluster of N workers), tcp://HOST:PORT (a running Dask scheduler) or kubernetes "
+        "(Dask worker pods on the GPU node). When set, embedding is sharded over the workers "
+        "and the 'sharded' exact search runs and is compared like the other backends."
+    ),
+    NoneWord,
+]
 K = Annotated[int, _param("Neighbours per query.", ge=1, le=1000)]
 Tolerance = Annotated[
     float, _param("Largest absolute distance deviation from scikit-learn that still passes.", gt=0)
@@ -190,6 +200,7 @@ class SearchParams(BaseModel):
     max_error_rate: MaxErrorRate = 0.05
     gpu_memory_fraction: GpuMemoryFraction = None
     backends: Backends = None
+    cluster: Cluster = None
     k: K = 3
     tolerance: Tolerance = 1.0
     n_results: NResults = 5
@@ -198,6 +209,18 @@ class SearchParams(BaseModel):
     @classmethod
     def _dedupe_backends(cls, value: list[str] | None) -> list[str] | None:
         return list(dict.fromkeys(value)) if value else None
+
+    @field_validator("cluster")
+    @classmethod
+    def _check_cluster(cls, value: str | None) -> str | None:
+        from tasks.cluster import parse_cluster
+        from tasks.errors import ImageSearchError
+
+        try:
+            parse_cluster(value)
+        except ImageSearchError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> SearchParams:

@@ -282,7 +282,7 @@ def test_main_job_on_sample_and_its_logs_in_the_api(tmp_path: Path, prefect_harn
         assert run.state is not None and run.state.is_completed()
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
     # A line a pure function logged through its module logger, not through Prefect's.
-    embedded = [log for log in logs if log.message.startswith("embedded 210 images in ")]
+    embedded = [log for log in logs if log.message.startswith("catalogued 210 images in ")]
     assert [log.name for log in embedded] == ["tasks.features.embed"], [
         (log.name, log.message) for log in logs
     ]

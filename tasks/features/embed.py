@@ -124,6 +124,7 @@ def catalog_collection(
     *,
     batch_size: int,
     progress: bool = True,
+    cluster: str | None = None,
 ) -> CatalogRef:
     """``catalog.parquet`` and ``errors.parquet`` of ``collection``, every new content embedded
     into the store; nothing at all is read when the listing and model are those of the last run."""
@@ -163,6 +164,10 @@ def catalog_collection(
         model_meta: dict[str, Any] = {}
 
         def process(todo: list[Item]) -> tuple[list[Outcome], int]:
+            if cluster is not None:  # sharded over Dask workers, each writing its own parts
+                from tasks.cluster import embed_sharded
+
+                return embed_sharded(collection, todo, run.out, spec, batch_size, cluster)
             return embed_items(
                 collection,
                 todo,
@@ -289,10 +294,29 @@ def write_features(
         ) from exc
 
 
-@task(cache_policy=NO_CACHE)
-def catalog(collection: Collection, out: str, spec: ModelSpec, batch_size: int) -> CatalogRef:
-    """Prefect task: list, hash and embed what is new; the counts as an artifact."""
-    ref = catalog_collection(collection, RunFolder(Path(out)), spec, batch_size=batch_size)
+def catalog(
+    collection: Collection, out: str, spec: ModelSpec, batch_size: int, cluster: str | None = None
+) -> CatalogRef:
+    """List, hash and embed what is new: in a task of this flow, or sharded over ``cluster``
+    (a nested flow on the Dask task runner, called from the flow itself)."""
+    if cluster is not None:
+        return _catalog_body(collection, out, spec, batch_size, cluster)
+    return catalog_task(collection, out, spec, batch_size)
+
+
+@task(cache_policy=NO_CACHE, name="catalog")
+def catalog_task(collection: Collection, out: str, spec: ModelSpec, batch_size: int) -> CatalogRef:
+    """Prefect task: the catalog pass in this process."""
+    return _catalog_body(collection, out, spec, batch_size, None)
+
+
+def _catalog_body(
+    collection: Collection, out: str, spec: ModelSpec, batch_size: int, cluster: str | None
+) -> CatalogRef:
+    """The catalog pass, with its counts as an artifact."""
+    ref = catalog_collection(
+        collection, RunFolder(Path(out)), spec, batch_size=batch_size, cluster=cluster
+    )
     create_table_artifact(
         key=artifact_key("catalog"),
         table=[ref.stats],
