@@ -10,10 +10,12 @@ through the dask-kubernetes operator from :class:`DaskGpuVariables`, read from t
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,11 +25,14 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.catalog import PART_ROWS, Outcome, embed_items
 from tasks.errors import ImageSearchError
-from tasks.features.embed import Features
+from tasks.features.content import EmbeddingStore
+from tasks.features.embed import Features, ModelSpec, forward_factory
 from tasks.search.backends import SearchRun, validate_k
 from tasks.search.knn import KNN_DIR, stage_name
 from tasks.search.shards import Shard, ShardResult, merge_topk, plan_shards, search_shard
+from tasks.sources.collection import Collection, Item, reopen
 from tasks.storage import RunFolder, atomic_path
 
 SHARDED = "sharded"
@@ -377,3 +382,132 @@ def search_features_sharded(
         result = result.model_copy(update={"path": rel})
         stage.finish(run=result.model_dump())
     return result.model_copy(update={"path": str(stage.path(rel).relative_to(run.out))})
+
+
+# --- Sharded embedding: the catalog pass's unit of work on Dask workers ----------------------
+
+SHARDS_PER_THREAD = 4  # a few shards per worker thread: a lost worker costs a small shard
+MAX_SHARD_ITEMS = 16 * PART_ROWS  # and a shard stays a few parts long, however many images
+# One forward pass per worker process and model: built on a shard's first need, then reused by
+# every later shard that process runs (a model build takes seconds).
+_FORWARDS: dict[ModelSpec, tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]] = {}
+
+
+def plan_item_shards(n_items: int, n_shards: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` ranges cutting ``n_items`` into ``n_shards`` near-equal
+    shards (none empty, none over :data:`MAX_SHARD_ITEMS`), in order."""
+    if n_shards < 1:
+        raise ImageSearchError(f"shards = {n_shards}; it must be a whole number >= 1.")
+    n = max(n_shards, -(-n_items // MAX_SHARD_ITEMS))
+    n = min(n, max(n_items, 1))
+    bounds = [round(i * n_items / n) for i in range(n + 1)]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def worker_forward(spec: ModelSpec) -> Callable[[], Callable[[np.ndarray], np.ndarray]]:
+    """``make_forward`` for :func:`tasks.catalog.embed_items` that builds the model once per
+    process and model spec; (B, S, S, 3) uint8 -> (B, 2048) float32."""
+
+    def make() -> Callable[[np.ndarray], np.ndarray]:
+        found = _FORWARDS.get(spec)
+        if found is None:
+            metadata: dict[str, Any] = {}
+            found = (forward_factory(spec, metadata)(), metadata)
+            _FORWARDS[spec] = found
+        return found[0]
+
+    return make
+
+
+def embed_shard_items(
+    described: dict[str, Any], items: list[Item], out: str, spec: ModelSpec, batch_size: int
+) -> tuple[list[Outcome], int]:
+    """One shard of the catalog pass where it runs: reopen the collection from its description,
+    embed what the store lacks into new parts of the store, return outcomes and count."""
+    store = EmbeddingStore(Path(out), spec.key())
+    outcomes, embedded = embed_items(
+        reopen(described),
+        items,
+        store,
+        worker_forward(spec),
+        input_size=spec.input_size,
+        batch_size=batch_size,
+        progress=False,
+    )
+    if spec in _FORWARDS:  # the model's description, once, for a person reading the store
+        store.describe(_FORWARDS[spec][1])
+    return outcomes, embedded
+
+
+# Dask reschedules the shard of a worker that died; a shard that raises is tried again too.
+# Either way a retried shard embeds only what its finished parts left out.
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def embed_shard(
+    described: dict[str, Any], items: list[Item], out: str, spec: ModelSpec, batch_size: int
+) -> tuple[list[Outcome], int]:
+    """Prefect task: one contiguous shard of the catalog pass (references in, outcomes out)."""
+    return embed_shard_items(described, items, out, spec, batch_size)
+
+
+@flow(name="image-search-sharded-embed")
+def sharded_embed(
+    described: dict[str, Any],
+    items: list[Item],
+    out: str,
+    spec: ModelSpec,
+    batch_size: int,
+    threads: int | None = None,
+) -> tuple[list[Outcome], int]:
+    """Map :func:`embed_shard` over contiguous shards of ``items`` on this flow's task runner;
+    outcomes concatenated in order, embeddings counted."""
+    if threads is None:
+        threads = _cluster_threads()
+    shards = plan_item_shards(len(items), threads * SHARDS_PER_THREAD)
+    futures = embed_shard.map(
+        unmapped(described),
+        [items[a:b] for a, b in shards],
+        unmapped(out),
+        unmapped(spec),
+        unmapped(batch_size),
+    )
+    outcomes: list[Outcome] = []
+    embedded = 0
+    for f in futures:
+        part, count = f.result()
+        outcomes.extend(part)
+        embedded += count
+    return outcomes, embedded
+
+
+def _cluster_threads() -> int:
+    """Worker threads of the cluster this flow's task runner is attached to (1 in-process)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    client = getattr(context.task_runner if context else None, "client", None)
+    return max(1, sum(client.nthreads().values())) if client is not None else 1
+
+
+def embed_sharded(
+    collection: Collection,
+    items: list[Item],
+    out: Path,
+    spec: ModelSpec,
+    batch_size: int,
+    cluster: str | None,
+) -> tuple[list[Outcome], int]:
+    """:func:`tasks.catalog.embed_items` sharded over the cluster the setting names: the same
+    outcomes (one per item, in order) and count, the embeddings appended to the same
+    content-addressed store by the workers themselves.
+
+    Each shard's items, the collection's description and the store's path travel; pixels and
+    embeddings never leave the worker that made them.
+    """
+    setting = parse_cluster(cluster)
+    if not items:
+        return [], 0
+    described = collection.describe()
+    runner = task_runner(setting)
+    threads = default_shards(setting)
+    embed = sharded_embed if runner is None else sharded_embed.with_options(task_runner=runner)
+    return embed(described, items, str(out), spec, batch_size, threads)
