@@ -15,7 +15,6 @@ from PIL import Image
 
 from flows.image_search import image_search
 from flows.params import SearchParams
-from tasks.catalog import META_KEY
 from tasks.errors import ImageSearchError
 from tasks.sources.collection import SEP
 from tests.test_quality import class_images
@@ -41,9 +40,9 @@ def write_images(root: Path, images: np.ndarray, labels: np.ndarray, start: int 
 
 
 def catalog_stats(out: Path) -> dict[str, int]:
-    """The counters the last run wrote into catalog.parquet's metadata."""
-    meta = json.loads(pq.read_schema(out / "catalog.parquet").metadata[META_KEY])
-    return dict(meta["stats"])
+    """The counters of the catalog pass that wrote the catalog in place (its stage record)."""
+    record = json.loads((out / ".state" / "catalog.json").read_text())
+    return dict(record["info"]["stats"])
 
 
 @pytest.fixture(scope="module")

@@ -188,7 +188,6 @@ def catalog_collection(
             "next_id": next_id,
             "model_key": key,
             "input_size": spec.input_size,
-            "stats": stats.as_dict(),
         }
         write_catalog(stage.path(CATALOG_FILE), table, meta)
         write_errors(stage.path(ERRORS_FILE), errors)

@@ -5,7 +5,8 @@ is exactly ``python -m flows.cli``. The hooks:
 
 - ``RELIABILITY_CHECKSUMS``: JSON ``{"tarball": md5|null, "members": {name: md5|null}}``, the
   sums the run expects instead of the official STL-10 ones (generated archives cannot match);
-- ``RELIABILITY_ROWS_PER_PART``: rows per embedding part file, so small runs have several;
+- ``RELIABILITY_ROWS_PER_PART``: rows per embedding-store part and per feature-file row group,
+  so small runs have several;
 - ``RELIABILITY_COUNT``: a file to which every embedded batch appends its number of images;
 - ``RELIABILITY_PAUSE=point:n`` with ``RELIABILITY_PAUSE_FILE``: on the n-th time the run
   reaches ``point``, create the pause file and block there (until ``RELIABILITY_RESUME_FILE``
@@ -54,8 +55,11 @@ def _install() -> None:
             tarball=sums["tarball"], members=sums["members"]
         )
     if rows := os.environ.get("RELIABILITY_ROWS_PER_PART"):
+        import tasks.catalog
         import tasks.features.store
 
+        # Rows per embedding-store part and per row group of the feature files.
+        tasks.catalog.PART_ROWS = int(rows)
         tasks.features.store.ROWS_PER_PART = int(rows)
     _install_forward_hook()
     _install_merge_hook()

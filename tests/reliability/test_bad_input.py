@@ -467,8 +467,9 @@ def _file_size_limit(limit: int) -> object:
 def test_disk_full_while_writing_outputs(
     baseline: Baseline, runner: Runner, tmp_path: Path
 ) -> None:
-    """A new seed rewrites samples.png (about 0.5 MiB) first: under a 256 KiB file-size limit
-    that write fails, and every output of the finished run stays as it was."""
+    """A new seed means new random weights: the first write is a part of new embeddings (about
+    4 MiB). Under a 256 KiB file-size limit it fails, and every output of the finished run (and
+    every embedding already stored) stays as it was."""
     out = tmp_path / "out"
     shutil.copytree(baseline.out, out)
     data = tmp_path / "data"
@@ -482,8 +483,9 @@ def test_disk_full_while_writing_outputs(
     )
     err = proc.err()
     assert proc.rc == 1, err[-3000:]
-    # Everything is written into the staging folder first; the outputs in place stay as they are.
-    assert f"image-search: error: Cannot write {out / '.staging'}/" in err
+    # New embeddings go to new parts of the store, the outputs into the staging folder: the
+    # files in place stay as they are.
+    assert f"image-search: error: Cannot write {out / '.embeddings'}/" in err
     assert "File too large. The outputs already in place were not changed" in err
     assert "free space on that disk" in err and "Traceback" not in err
     state = latest_flow_run().state

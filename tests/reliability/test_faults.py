@@ -74,7 +74,8 @@ def test_kill_during_download_and_extraction_then_network_drop(
     http_server.cut_once[TAR] = [1 << 20]
     n_requests = len(http_server.requests)
     pause = tmp_path / "paused"
-    hooks2 = {**hooks, "RELIABILITY_PAUSE": "extract:2", "RELIABILITY_PAUSE_FILE": str(pause)}
+    # The third block hashed: class_names.txt (one block) comes first in the tarball.
+    hooks2 = {**hooks, "RELIABILITY_PAUSE": "extract:3", "RELIABILITY_PAUSE_FILE": str(pause)}
     second = runner.start(*args, data=data, hooks=hooks2)
     wait_until(pause.exists, "extraction under way", second)
     assert http_server.ranges(TAR)[n_requests:] == [f"bytes={kept}-", f"bytes={kept + (1 << 20)}-"]
@@ -101,12 +102,12 @@ def test_kill_during_embedding_merge_and_search_resumes_from_shared_storage(
     runner: Runner, tmp_path: Path
 ) -> None:
     """A pod evicted three times: each rerun on the same shared folders continues from the
-    finished part files, and the end result equals that of a run never interrupted."""
+    embeddings already stored, and the end result equals that of a run never interrupted."""
     shared = tmp_path / "shared"
     data, out, ref = shared / "data", shared / "out", shared / "reference"
     args = ["--source", "sample", "--weights", "none", "--limit", "120", "--batch-size", "10"]
     args += ["--backends", "numpy"]
-    # 108 index images in parts of 30 (3 batches each) + 12 queries in one part.
+    # Embeddings stored in parts of 30 (3 batches each); feature files in row groups of 30.
     hooks = {"RELIABILITY_ROWS_PER_PART": "30"}
 
     def run(folder: Path, name: str, pause: str | None = None) -> tuple[Proc, Path]:
@@ -121,29 +122,31 @@ def test_kill_during_embedding_merge_and_search_resumes_from_shared_storage(
     assert embedded(ref_count) == 120
 
     staged = out / ".staging" / "features"  # where a run's new features wait for the switch
-    index_parts = lambda: list(staged.glob(".index.parts-*/part-*.parquet"))  # noqa: E731
+    store_parts = lambda: sorted((out / ".embeddings").glob("*/part-*.arrow"))  # noqa: E731
 
-    # Evicted mid-batch in the second part file of the index.
+    # Evicted mid-batch, in the second part of the store.
     first, count = run(out, "first", pause="forward:5")
     wait_until((tmp_path / "first").exists, "the fifth batch", first)
     first.kill()
-    assert [p.name for p in index_parts()] == ["part-00000.parquet"]
-    assert embedded(count) == 40 and not (out / "features" / "index.parquet").exists()
+    kept = store_parts()
+    assert len(kept) == 1 and embedded(count) == 40
+    assert not (out / "catalog.parquet").exists() and not (out / "features").exists()
 
-    # Evicted while the parts are merged into features/index.parquet.
+    # Evicted while the feature files are written from the store.
     second, count = run(out, "second", pause="merge:2")
-    wait_until((tmp_path / "second").exists, "the merge", second)
+    wait_until((tmp_path / "second").exists, "the feature files", second)
     second.kill()
-    assert embedded(count) == 108 - 30  # the finished part was reused
-    assert len(index_parts()) == 4 and not (out / "features" / "index.parquet").exists()
-    assert list(staged.glob(f"{TEMP_PREFIX}index.parquet.*"))  # the torn merge, aside
+    assert embedded(count) == 120 - 30  # the stored part was reused, never embedded again
+    assert store_parts()[0] == kept[0] and len(store_parts()) == 4
+    assert not (out / "features" / "index.parquet").exists()
+    assert list(staged.glob(f"{TEMP_PREFIX}index.parquet.*"))  # the torn file, aside
 
     # Evicted during the search.
     third, count = run(out, "third", pause="search:2")
     wait_until((tmp_path / "third").exists, "the search", third)
     third.kill()
-    assert embedded(count) == 12  # the index parts were merged, not embedded again
-    assert (staged / "index.parquet").exists() and not index_parts()
+    assert embedded(count) == 0  # the staged catalog and the store hold everything
+    assert (staged / "index.parquet").exists()
     assert not (out / "features" / "index.parquet").exists()  # not in place before the end
     assert not (out / "neighbors.parquet").exists()
 
