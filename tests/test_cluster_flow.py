@@ -22,7 +22,7 @@ import pytest
 
 from flows.image_search import image_search
 from flows.params import SearchParams
-from tasks.catalog import META_KEY, embed_items
+from tasks.catalog import embed_items
 from tasks.cluster import embed_sharded, plan_item_shards
 from tasks.features.content import EmbeddingStore
 from tasks.features.embed import ModelSpec, forward_factory
@@ -38,10 +38,11 @@ from tests.conftest import pattern_images
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 SPEC = ModelSpec(weights="none")
-N_FLOW, N_KILL, BATCH = 240, 240, 8
-# Largest |sharded - in-process| of a stored embedding element: the forward pass runs with other
-# thread counts on a worker (its nanny sets 1), so float sums are ordered differently.
-EMBED_ATOL = 1e-3
+N_FLOW, N_KILL, BATCH = 120, 96, 8
+# Largest |sharded - in-process| allowed for a stored embedding element (elements reach ~30): a
+# worker's forward pass may run on other thread counts, which reorders float sums. Measured
+# here: 0, the rows are bit-identical (TensorFlow's CPU kernels split work the same way).
+EMBED_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -184,15 +185,13 @@ def test_flow_on_the_cluster_agrees_and_embeds_each_image_once(flow_run: dict[st
     hits = pq.read_table(out / "neighbors.parquet").to_pandas()
     by = {b: g.sort_values(["query_id", "rank"]) for b, g in hits.groupby("backend", observed=True)}
     np.testing.assert_array_equal(by["sharded"]["neighbor_id"], by["numpy"]["neighbor_id"])
-    meta = json.loads(pq.read_schema(out / "catalog.parquet").metadata[META_KEY])
-    stats = meta["stats"]
+    # The counters of the catalog pass, from its stage record.
+    stats = json.loads((out / ".state" / "catalog.json").read_text())["info"]["stats"]
     assert stats["listed"] == stats["read"] == stats["embedded"] == N_FLOW
     assert stats["duplicates"] == stats["errors"] == 0
 
 
-def test_a_killed_worker_costs_only_its_unfinished_shard(
-    dask_address: str, tmp_path: Path
-) -> None:
+def test_a_killed_worker_costs_only_its_unfinished_shard(dask_address: str, tmp_path: Path) -> None:
     """(c) One worker process is killed (SIGKILL) once the first parts are in the store. The
     run still finishes; every part written before the kill is still there, unchanged; and each
     content is stored exactly once — the killed shard's unfinished part was never written (a

@@ -201,7 +201,7 @@ def test_sharded_in_process_equals_the_unsharded_kernel(
     ("value", "expected"),
     [
         (None, ClusterSetting("in-process")),
-        ("", ClusterSetting("in-process")),
+        pytest.param("", ClusterSetting("in-process"), id="empty"),
         (" none ", ClusterSetting("in-process")),
         ("local:2", ClusterSetting("local", workers=2)),
         ("tcp://scheduler:8786", ClusterSetting("address", address="tcp://scheduler:8786")),
