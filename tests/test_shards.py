@@ -362,3 +362,22 @@ def test_bad_cluster_stops_before_anything_runs(features: Features, tmp_path: Pa
     with pytest.raises(ImageSearchError, match=r"cluster = 'local:x'"):
         search_features_sharded(features, RunFolder(tmp_path), K, "local:x")
     assert not (tmp_path / ".staging").exists()
+
+
+def test_the_dask_deployment_renders_its_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prefect.yaml's gpu-dask: valid flow parameters with cluster = kubernetes, and the env it
+    hands the flow run renders a DaskCluster of 2 GPU workers running the deployment's image."""
+    from flows.params import SearchParams
+    from tests.deploy.helpers import deployment_config
+
+    config = deployment_config("gpu-dask")
+    params = SearchParams(**config["parameters"])
+    assert params.cluster == "kubernetes" and params.out.startswith("/shared/")
+    env = config["work_pool"]["job_variables"]["env"]
+    raw = env["IMAGE_SEARCH_DASK_VARIABLES"].replace("{{ build-image.image }}", "reg/is:abc")
+    monkeypatch.setenv("IMAGE_SEARCH_DASK_VARIABLES", raw)
+    spec = task_runner("kubernetes").cluster_kwargs["custom_cluster_spec"]
+    worker = spec["spec"]["worker"]
+    assert worker["replicas"] == 2
+    assert worker["spec"]["containers"][0]["image"] == "reg/is:abc"
+    assert worker["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}

@@ -360,7 +360,7 @@ def test_prefect_yaml_shares_pieces_through_definitions() -> None:
     assert deployment_config("local")["work_pool"] == definitions["work_pools"]["local_process"]
     assert deployment_config("gpu")["build"] == definitions["actions"]["build_image"]
     assert deployment_config("local")["build"] == definitions["actions"]["checkout_path"]
-    assert len(re.findall(r"\*entrypoint\b", raw)) == 3
+    assert len(re.findall(r"\*entrypoint\b", raw)) == 4
     assert deployment_config("photos")["schedules"] == [definitions["schedules"]["hourly"]]
 
 
