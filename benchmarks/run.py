@@ -56,6 +56,18 @@ register(
 )
 register("flow", "benchmarks.pipeline:full_flow", "Whole flow: wall time and RSS", default=False)
 register("rerun", "benchmarks.pipeline:rerun_cost", "Rerun with unchanged inputs", default=False)
+register(
+    "shards",
+    "benchmarks.shards:shards",
+    "Sharded exact search on a Dask LocalCluster vs in-process",
+    default=False,
+)
+register(
+    "embed-shards",
+    "benchmarks.shards:embed_shards",
+    "Sharded embedding on a Dask LocalCluster vs in-process",
+    default=False,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,10 @@ own child: the ``numpy`` backend in-process (``run_backend``, the flow's clock),
 ``distributed.LocalCluster`` started beforehand and warmed by one search of tiny files, both
 reported apart) on 1 worker × 2 threads and on 2 workers × 1 thread. Ratios are between
 medians of the same run.
+
+``--embed`` (or ``python -m benchmarks.run embed-shards``): the catalog pass's embedding of
+10,000 distinct sample crops the same three ways, each into an empty store, each on a fresh
+cluster (``tasks.cluster.sharded_embed``, per-shard rates reported for the scale model).
 """
 
 from __future__ import annotations
@@ -180,11 +184,147 @@ def shards(quick: bool = False) -> dict[str, Any]:
     }
 
 
+# --- Sharded embedding ------------------------------------------------------------------------
+
+EMBED_FULL = {"n_images": 10_000, "batch_size": 64, "repeats": 1}
+EMBED_QUICK = {"n_images": 96, "batch_size": 16, "repeats": 1}
+
+
+def embed_config_child(config: str, source: str, out: str, batch_size: int) -> dict[str, Any]:
+    """One configuration's catalog embedding of the STL-10-format file ``source`` into an empty
+    store under ``out``; the wall time includes TensorFlow's import and the model build (once
+    in-process, once per worker process on a fresh cluster: an honest cost of the Dask path)."""
+    from tasks.features.embed import ModelSpec
+    from tasks.sources.collection import Stl10Collection
+
+    spec = ModelSpec(weights="none")
+    collection = Stl10Collection(source)
+    items = collection.items()
+    workers = CONFIGS[config]
+    if workers is None:
+        from tasks.catalog import embed_items
+        from tasks.features.content import EmbeddingStore
+        from tasks.features.embed import forward_factory
+
+        t0 = time.perf_counter()
+        _, embedded = embed_items(
+            collection,
+            items,
+            EmbeddingStore(Path(out), spec.key()),
+            forward_factory(spec, {}),
+            input_size=spec.input_size,
+            batch_size=batch_size,
+            progress=False,
+        )
+        return {"embed_s": time.perf_counter() - t0, "embedded": embedded}
+
+    from distributed import LocalCluster
+    from prefect.testing.utilities import prefect_test_harness
+    from prefect_dask import DaskTaskRunner
+
+    from tasks.cluster import sharded_embed
+
+    n_workers, threads = workers
+    with prefect_test_harness(server_startup_timeout=180):
+        t0 = time.perf_counter()
+        with LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads,
+            processes=True,
+            dashboard_address=None,
+        ) as cluster:
+            start_s = time.perf_counter() - t0
+            runner = DaskTaskRunner(address=cluster.scheduler_address)
+            t0 = time.perf_counter()
+            done = sharded_embed.with_options(task_runner=runner)(
+                collection.describe(), items, out, spec, batch_size, n_workers * threads
+            )
+            embed_s = time.perf_counter() - t0
+    shards = done["shards"]
+    return {
+        "embed_s": embed_s,
+        "embedded": done["embedded"],
+        "cluster_start_s": start_s,
+        "shards": len(shards),
+        "shard_img_per_s": [s["items"] / s["seconds"] for s in shards],
+        "slowest_shard_s": max(s["seconds"] for s in shards),
+    }
+
+
+def embed_shards(quick: bool = False) -> dict[str, Any]:
+    """Catalog embedding of distinct sample crops: in-process vs 1 worker × 2 threads vs
+    2 workers × 1 thread, wall time and overhead ratio (random ResNet50, 96 px)."""
+    from tasks.sources.sample import make_sample_images, to_stl10_bytes
+
+    size = EMBED_QUICK if quick else EMBED_FULL
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
+    with tempfile.TemporaryDirectory(prefix="bench-embed-shards-") as tmp:
+        # Distinct crops: a file of repeats would have the store embed each content once.
+        source = Path(tmp) / "crops_X.bin"
+        source.write_bytes(to_stl10_bytes(make_sample_images(size["n_images"], seed=11)))
+        for r in range(size["repeats"]):
+            for config in CONFIGS:
+                out = Path(tmp) / f"out-{r}-{config.split()[0]}"
+                res = run_child(
+                    "benchmarks.shards:embed_config_child",
+                    {
+                        "config": config,
+                        "source": str(source),
+                        "out": str(out),
+                        "batch_size": size["batch_size"],
+                    },
+                    grace_s=0,
+                )
+                runs[config].append(res)
+                print(f"    repeat {r} {config}: embed {res['embed_s']:.1f} s", flush=True)
+    base = statistics.median(r["embed_s"] for r in runs["in-process"])
+    rows, targets = [], []
+    for config, rs in runs.items():
+        embed_s = statistics.median(r["embed_s"] for r in rs)
+        row: dict[str, Any] = {
+            "configuration": config,
+            "embed s (median)": embed_s,
+            "img/s": size["n_images"] / embed_s,
+            "embedded": rs[0]["embedded"],
+        }
+        if config != "in-process":
+            rates = [x for r in rs for x in r["shard_img_per_s"]]
+            row.update(
+                {
+                    "overhead vs in-process": embed_s / base - 1,
+                    "shards": rs[0]["shards"],
+                    "median shard img/s": statistics.median(rates),
+                    "slowest shard s": statistics.median(r["slowest_shard_s"] for r in rs),
+                    "cluster start s": statistics.median(r["cluster_start_s"] for r in rs),
+                }
+            )
+            targets.append(
+                {
+                    "target": f"{config}: overhead <= {TARGET_OVERHEAD:.0%}",
+                    "met": embed_s / base - 1 <= TARGET_OVERHEAD,
+                    "measured": embed_s / base - 1,
+                }
+            )
+        rows.append(row)
+    return {
+        "size": size,
+        "rows": rows,
+        "targets": targets,
+        "runs": runs,
+        "notes": [
+            f"{size['n_images']:,} distinct 96 px crops, random ResNet50, batch "
+            f"{size['batch_size']}, {size['repeats']} run(s) each; TensorFlow import and model "
+            f"build included (per worker process on the cluster)",
+        ],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.shards", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness")
+    parser.add_argument("--embed", action="store_true", help="the sharded embedding instead")
     args = parser.parse_args(argv)
-    result = shards(args.quick)
+    result = embed_shards(args.quick) if args.embed else shards(args.quick)
     json.dump({k: v for k, v in result.items() if k != "runs"}, sys.stdout, indent=2, default=str)
     print()
     return 0

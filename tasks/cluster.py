@@ -1,5 +1,6 @@
-"""Where the sharded search runs: the ``cluster`` setting, the Prefect task runner it names, the
-Kubernetes ``DaskCluster`` of GPU worker pods, and the search stage that runs on it.
+"""Where the sharded work runs: the ``cluster`` setting, the Prefect task runner it names, the
+Kubernetes ``DaskCluster`` of GPU worker pods, and the two stages that run on it: the catalog
+pass's embedding (contiguous shards of the listing) and the exact search (shards of index rows).
 
 ``cluster`` is one of: empty/None (in this process, shard after shard: nothing changes on a
 laptop), ``local:N`` (a ``distributed.LocalCluster`` of N worker processes × 1 thread),
@@ -444,9 +445,12 @@ def embed_shard_items(
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def embed_shard(
     described: dict[str, Any], items: list[Item], out: str, spec: ModelSpec, batch_size: int
-) -> tuple[list[Outcome], int]:
-    """Prefect task: one contiguous shard of the catalog pass (references in, outcomes out)."""
-    return embed_shard_items(described, items, out, spec, batch_size)
+) -> tuple[list[Outcome], int, float]:
+    """Prefect task: one contiguous shard of the catalog pass (references in; outcomes, the
+    number embedded and the shard's seconds out)."""
+    t0 = time.perf_counter()
+    outcomes, embedded = embed_shard_items(described, items, out, spec, batch_size)
+    return outcomes, embedded, time.perf_counter() - t0
 
 
 @flow(name="image-search-sharded-embed")
@@ -457,9 +461,10 @@ def sharded_embed(
     spec: ModelSpec,
     batch_size: int,
     threads: int | None = None,
-) -> tuple[list[Outcome], int]:
-    """Map :func:`embed_shard` over contiguous shards of ``items`` on this flow's task runner;
-    outcomes concatenated in order, embeddings counted."""
+) -> dict[str, Any]:
+    """Map :func:`embed_shard` over contiguous shards of ``items`` on this flow's task runner.
+
+    Returns outcomes (concatenated in order), embedded (the count) and per-shard stats."""
     if threads is None:
         threads = _cluster_threads()
     shards = plan_item_shards(len(items), threads * SHARDS_PER_THREAD)
@@ -472,11 +477,13 @@ def sharded_embed(
     )
     outcomes: list[Outcome] = []
     embedded = 0
+    stats = []
     for f in futures:
-        part, count = f.result()
+        part, count, seconds = f.result()
         outcomes.extend(part)
         embedded += count
-    return outcomes, embedded
+        stats.append({"items": len(part), "embedded": count, "seconds": round(seconds, 3)})
+    return {"outcomes": outcomes, "embedded": embedded, "shards": stats}
 
 
 def _cluster_threads() -> int:
@@ -510,4 +517,5 @@ def embed_sharded(
     runner = task_runner(setting)
     threads = default_shards(setting)
     embed = sharded_embed if runner is None else sharded_embed.with_options(task_runner=runner)
-    return embed(described, items, str(out), spec, batch_size, threads)
+    done = embed(described, items, str(out), spec, batch_size, threads)
+    return done["outcomes"], done["embedded"]
