@@ -125,7 +125,7 @@ def incremental(quick: bool = False) -> dict[str, Any]:
     """Cold indexing (catalog, embed, split, feature files) of a JPEG folder vs reruns after
     adding 1 % of new files."""
     with tempfile.TemporaryDirectory(prefix="bench-incr-") as tmp:
-        return _incremental(Path(tmp), 100 if quick else 2000, quick)
+        return _incremental(Path(tmp), 100 if quick else 10_000, quick)
 
 
 def _incremental(tmp: Path, n: int, quick: bool) -> dict[str, Any]:

@@ -121,13 +121,15 @@ def decode_image(data: bytes, size: int = DEFAULT_INPUT_SIZE) -> Decoded:
     img = open_image(data)
     width, height = img.size
     try:
-        if img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # stored rotated by 90°
+        orientation = img.getexif().get(_ORIENTATION, 1)
+        if orientation in (5, 6, 7, 8):  # stored rotated by 90°
             width, height = height, width
         if img.format == "JPEG":
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers ``size``.
             img.draft("RGB", (size, size))
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if orientation != 1:  # exif_transpose copies the image even when there is nothing to do
+            img = ImageOps.exif_transpose(img)
         pixels = fit(to_rgb(img), size)
     except (OSError, ValueError, EOFError, SyntaxError) as exc:
         raise BadImage(f"damaged image data ({exc})") from exc
