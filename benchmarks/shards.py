@@ -11,7 +11,7 @@ medians of the same run.
 
 ``--embed`` (or ``python -m benchmarks.run embed-shards``): the catalog pass's embedding of
 10,000 distinct sample crops the same three ways, each into an empty store, each on a fresh
-cluster (``tasks.cluster.sharded_embed``, per-shard rates reported for the scale model).
+cluster (``tasks.cluster.run_embed_sharded``, per-shard rates reported for the scale model).
 """
 
 from __future__ import annotations
@@ -220,9 +220,8 @@ def embed_config_child(config: str, source: str, out: str, batch_size: int) -> d
 
     from distributed import LocalCluster
     from prefect.testing.utilities import prefect_test_harness
-    from prefect_dask import DaskTaskRunner
 
-    from tasks.cluster import sharded_embed
+    from tasks.cluster import run_embed_sharded
 
     n_workers, threads = workers
     with prefect_test_harness(server_startup_timeout=180):
@@ -234,10 +233,9 @@ def embed_config_child(config: str, source: str, out: str, batch_size: int) -> d
             dashboard_address=None,
         ) as cluster:
             start_s = time.perf_counter() - t0
-            runner = DaskTaskRunner(address=cluster.scheduler_address)
             t0 = time.perf_counter()
-            done = sharded_embed.with_options(task_runner=runner)(
-                collection.describe(), items, out, spec, batch_size, n_workers * threads
+            done = run_embed_sharded(
+                collection, items, Path(out), spec, batch_size, cluster.scheduler_address
             )
             embed_s = time.perf_counter() - t0
     shards = done["shards"]

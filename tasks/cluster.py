@@ -16,6 +16,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from tasks.search.backends import SearchRun, validate_k
 from tasks.search.knn import KNN_DIR, stage_name
 from tasks.search.shards import Shard, ShardResult, merge_topk, plan_shards, search_shard
 from tasks.sources.collection import Collection, Item, reopen
-from tasks.storage import RunFolder, atomic_path
+from tasks.storage import TEMP_PREFIX, RunFolder, atomic_path
 
 SHARDED = "sharded"
 VARIABLES_ENV = "IMAGE_SEARCH_DASK_VARIABLES"
@@ -389,20 +390,58 @@ def search_features_sharded(
 
 SHARDS_PER_THREAD = 4  # a few shards per worker thread: a lost worker costs a small shard
 MAX_SHARD_ITEMS = 16 * PART_ROWS  # and a shard stays a few parts long, however many images
+PLAN_GROUPS = 256  # row groups of the shard plan file: the finest cut into shards
 # One forward pass per worker process and model: built on a shard's first need, then reused by
 # every later shard that process runs (a model build takes seconds).
 _FORWARDS: dict[ModelSpec, tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]] = {}
 
 
-def plan_item_shards(n_items: int, n_shards: int) -> list[tuple[int, int]]:
-    """Contiguous ``[start, stop)`` ranges cutting ``n_items`` into ``n_shards`` near-equal
-    shards (none empty, none over :data:`MAX_SHARD_ITEMS`), in order."""
+def plan_item_shards(n_items: int, n_shards: int, unit: int = 1) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` ranges cutting ``n_items`` into about ``n_shards``
+    near-equal shards, in order: none empty, none over :data:`MAX_SHARD_ITEMS`, every start a
+    multiple of ``unit`` (the plan file's row group)."""
     if n_shards < 1:
         raise ImageSearchError(f"shards = {n_shards}; it must be a whole number >= 1.")
-    n = max(n_shards, -(-n_items // MAX_SHARD_ITEMS))
-    n = min(n, max(n_items, 1))
-    bounds = [round(i * n_items / n) for i in range(n + 1)]
-    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+    units = -(-n_items // unit)
+    n = max(n_shards, -(-units // max(1, MAX_SHARD_ITEMS // unit)))
+    n = min(n, max(units, 1))
+    bounds = [round(i * units / n) for i in range(n + 1)]
+    return [(a * unit, min(b * unit, n_items)) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def plan_unit(n_items: int) -> int:
+    """Rows per row group of the plan file: fine enough to cut into many shards, at most a
+    store part."""
+    return max(1, min(PART_ROWS, -(-n_items // PLAN_GROUPS)))
+
+
+def write_item_plan(items: list[Item], path: Path, unit: int) -> None:
+    """The items to embed as a Parquet file of row groups of ``unit`` rows (uri, version,
+    label, split): shards travel as row ranges of it, never as lists."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "uri": [i.uri for i in items],
+            "version": [i.version for i in items],
+            "label": pa.array([i.label for i in items], pa.string()),
+            "split": pa.array([i.split for i in items], pa.string()),
+        }
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=unit)
+
+
+def read_item_plan(path: Path, start: int, stop: int, unit: int) -> list[Item]:
+    """Items ``[start, stop)`` of a plan file, reading only their row groups."""
+    import pyarrow.parquet as pq
+
+    groups = list(range(start // unit, -(-stop // unit)))
+    table = pq.ParquetFile(path).read_row_groups(groups)
+    offset = start - groups[0] * unit
+    rows = table.slice(offset, stop - start).to_pylist()
+    return [Item(r["uri"], r["version"], r["label"], r["split"]) for r in rows]
 
 
 def worker_forward(spec: ModelSpec) -> Callable[[], Callable[[np.ndarray], np.ndarray]]:
@@ -440,41 +479,39 @@ def embed_shard_items(
     return outcomes, embedded
 
 
+@dataclass(frozen=True)
+class EmbedJob:
+    """What every shard of one sharded pass shares: references only."""
+
+    described: dict[str, Any]  # the collection, as :meth:`Collection.describe` gives it
+    plan: str  # the plan file (items), on storage every worker reads
+    unit: int  # its rows per row group
+    out: str  # the output folder holding the embedding store
+    spec: ModelSpec
+    batch_size: int
+
+
 # Dask reschedules the shard of a worker that died; a shard that raises is tried again too.
 # Either way a retried shard embeds only what its finished parts left out.
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def embed_shard(
-    described: dict[str, Any], items: list[Item], out: str, spec: ModelSpec, batch_size: int
-) -> tuple[list[Outcome], int, float]:
-    """Prefect task: one contiguous shard of the catalog pass (references in; outcomes, the
+def embed_shard(job: EmbedJob, start: int, stop: int) -> tuple[list[Outcome], int, float]:
+    """Prefect task: items ``[start, stop)`` of the plan embedded (references in; outcomes, the
     number embedded and the shard's seconds out)."""
     t0 = time.perf_counter()
-    outcomes, embedded = embed_shard_items(described, items, out, spec, batch_size)
+    items = read_item_plan(Path(job.plan), start, stop, job.unit)
+    outcomes, embedded = embed_shard_items(job.described, items, job.out, job.spec, job.batch_size)
     return outcomes, embedded, time.perf_counter() - t0
 
 
 @flow(name="image-search-sharded-embed")
-def sharded_embed(
-    described: dict[str, Any],
-    items: list[Item],
-    out: str,
-    spec: ModelSpec,
-    batch_size: int,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """Map :func:`embed_shard` over contiguous shards of ``items`` on this flow's task runner.
+def sharded_embed(job: EmbedJob, n_items: int, threads: int | None = None) -> dict[str, Any]:
+    """Map :func:`embed_shard` over contiguous shards of the plan on this flow's task runner.
 
     Returns outcomes (concatenated in order), embedded (the count) and per-shard stats."""
     if threads is None:
         threads = _cluster_threads()
-    shards = plan_item_shards(len(items), threads * SHARDS_PER_THREAD)
-    futures = embed_shard.map(
-        unmapped(described),
-        [items[a:b] for a, b in shards],
-        unmapped(out),
-        unmapped(spec),
-        unmapped(batch_size),
-    )
+    shards = plan_item_shards(n_items, threads * SHARDS_PER_THREAD, job.unit)
+    futures = embed_shard.map(unmapped(job), [a for a, _ in shards], [b for _, b in shards])
     outcomes: list[Outcome] = []
     embedded = 0
     stats = []
@@ -495,6 +532,33 @@ def _cluster_threads() -> int:
     return max(1, sum(client.nthreads().values())) if client is not None else 1
 
 
+def run_embed_sharded(
+    collection: Collection,
+    items: list[Item],
+    out: Path,
+    spec: ModelSpec,
+    batch_size: int,
+    cluster: str | None,
+) -> dict[str, Any]:
+    """:func:`sharded_embed` on the cluster the setting names, the items written to a plan file
+    beside the store first (removed after); see :func:`embed_sharded`."""
+    setting = parse_cluster(cluster)
+    if not items:
+        return {"outcomes": [], "embedded": 0, "shards": []}
+    folder = EmbeddingStore(out, spec.key()).folder
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = folder / f"{TEMP_PREFIX}shards-{uuid.uuid4().hex[:12]}.parquet"
+    unit = plan_unit(len(items))
+    write_item_plan(items, plan, unit)
+    try:
+        job = EmbedJob(collection.describe(), str(plan), unit, str(out), spec, batch_size)
+        runner = task_runner(setting)
+        embed = sharded_embed if runner is None else sharded_embed.with_options(task_runner=runner)
+        return embed(job, len(items), default_shards(setting))
+    finally:
+        plan.unlink(missing_ok=True)
+
+
 def embed_sharded(
     collection: Collection,
     items: list[Item],
@@ -507,15 +571,9 @@ def embed_sharded(
     outcomes (one per item, in order) and count, the embeddings appended to the same
     content-addressed store by the workers themselves.
 
-    Each shard's items, the collection's description and the store's path travel; pixels and
-    embeddings never leave the worker that made them.
+    Shards travel as row ranges of a plan file, with the collection's description and the
+    store's path; pixels and embeddings never leave the worker that made them. A content that
+    two shards hold is embedded by each that runs before the other's part is stored.
     """
-    setting = parse_cluster(cluster)
-    if not items:
-        return [], 0
-    described = collection.describe()
-    runner = task_runner(setting)
-    threads = default_shards(setting)
-    embed = sharded_embed if runner is None else sharded_embed.with_options(task_runner=runner)
-    done = embed(described, items, str(out), spec, batch_size, threads)
+    done = run_embed_sharded(collection, items, out, spec, batch_size, cluster)
     return done["outcomes"], done["embedded"]

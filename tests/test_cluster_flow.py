@@ -23,10 +23,18 @@ import pytest
 from flows.image_search import image_search
 from flows.params import SearchParams
 from tasks.catalog import embed_items
-from tasks.cluster import embed_sharded, plan_item_shards
+from tasks.cluster import (
+    embed_sharded,
+    plan_item_shards,
+    plan_unit,
+    read_item_plan,
+    write_item_plan,
+)
+from tasks.errors import ImageSearchError
 from tasks.features.content import EmbeddingStore
 from tasks.features.embed import ModelSpec, forward_factory
 from tasks.sources.collection import (
+    Item,
     LabelledStl10,
     Stl10Collection,
     open_collection,
@@ -135,10 +143,23 @@ def test_describe_reopens_every_kind_of_collection(tmp_path: Path) -> None:
 def test_shards_are_contiguous_balanced_and_bounded() -> None:
     assert plan_item_shards(10, 4) == [(0, 2), (2, 5), (5, 8), (8, 10)]
     assert plan_item_shards(3, 8) == [(0, 1), (1, 2), (2, 3)]  # never an empty shard
-    many = plan_item_shards(100_000, 2)
+    assert plan_item_shards(10, 2, unit=4) == [(0, 8), (8, 10)]  # starts on row groups
+    many = plan_item_shards(100_000, 2, unit=plan_unit(100_000))
     assert len(many) == 7 and max(b - a for a, b in many) <= 16 * 1024
     assert many[0][0] == 0 and many[-1][1] == 100_000
     assert all(a[1] == b[0] for a, b in itertools.pairwise(many))
+    with pytest.raises(ImageSearchError, match=r"shards = 0; it must be a whole number >= 1"):
+        plan_item_shards(10, 0)
+
+
+def test_a_shard_reads_only_its_rows_of_the_plan(tmp_path: Path) -> None:
+    """Shards travel as row ranges of a plan file: any range reads back the items it names."""
+    items = [Item(f"/p/{i:03d}.jpg", f"v{i}", None if i % 3 else "cat", "index") for i in range(23)]
+    unit = 5
+    write_item_plan(items, tmp_path / "plan.parquet", unit)
+    assert pq.ParquetFile(tmp_path / "plan.parquet").num_row_groups == 5
+    for start, stop in [*plan_item_shards(23, 3, unit), (0, 23), (5, 6), (20, 23)]:
+        assert read_item_plan(tmp_path / "plan.parquet", start, stop, unit) == items[start:stop]
 
 
 def test_sharded_store_equals_in_process_embedding(
@@ -225,6 +246,8 @@ def test_a_killed_worker_costs_only_its_unfinished_shard(dask_address: str, tmp_
     assert seen["busy"], "no shard was running when the worker was killed"
     assert 0 < len(seen["before"]) < len(store.parts())
     after = {p.name: p.stat().st_mtime_ns for p in store.parts()}
+    left = sorted(p.name for p in store.folder.iterdir() if p.name != "model.json")
+    assert left == sorted(after)  # every part, and no plan file left behind
     assert {name: after.get(name) for name in seen["before"]} == seen["before"]
     digests = [d for part in digests_per_part(store).values() for d in part]
     assert len(digests) == len(set(digests)) == N_KILL  # every content stored exactly once
