@@ -78,8 +78,8 @@ def download_and_extract(
         return _from_tarball(path, data_dir, checksums)
     raise ImageSearchError(
         f"Source {source!r} is neither a URL, an existing file or folder, nor 'sample'. "
-        f"Use {OFFICIAL_URL}, a path to {TARBALL_NAME}, a folder with {UNLABELED}, "
-        f"or --source sample."
+        f"Use a folder, archive or .parquet/.csv list of your images, {OFFICIAL_URL}, a path "
+        f"to {TARBALL_NAME}, a folder with {UNLABELED}, or --source sample."
     )
 
 
