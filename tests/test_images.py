@@ -211,3 +211,16 @@ def test_stl10_sources_are_not_collections(tmp_path: Path) -> None:
     assert is_collection_source("s3://bucket/photos")
     write_tree(tmp_path / "p", ["a.png"])
     assert is_collection_source(str(tmp_path / "p"))
+
+
+def test_a_folder_without_images_is_a_clear_error(tmp_path: Path) -> None:
+    from tasks.features.embed import ModelSpec, catalog_collection
+    from tasks.storage import RunFolder
+
+    (tmp_path / "notes.txt").write_text("no photos here")
+    with pytest.raises(ImageSearchError, match=r"holds no images \(looked for .jpg"):
+        catalog_collection(
+            open_collection(str(tmp_path)), RunFolder(tmp_path / "out"), ModelSpec("none"),
+            batch_size=8, progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()
