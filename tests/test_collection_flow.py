@@ -197,4 +197,5 @@ def test_labelled_stl10_files_give_a_quality_table(
     catalog = pq.read_table(out / "catalog.parquet").to_pandas()
     assert len(catalog) == 75 and pq.read_table(out / "errors.parquet").num_rows == 0
     assert catalog_stats(out)["duplicates"] == 1 and catalog_stats(out)["embedded"] == 74
-    assert catalog["uri"].iloc[0].endswith(f"train_X.bin{SEP}00") and catalog["label"].iloc[0] == "red"
+    first = catalog.iloc[0]
+    assert first["uri"].endswith(f"train_X.bin{SEP}00") and first["label"] == "red"

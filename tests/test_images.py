@@ -16,9 +16,9 @@ from PIL import Image
 
 from tasks.errors import ImageSearchError
 from tasks.sources.collection import (
+    SEP,
     ArchiveCollection,
     FolderCollection,
-    SEP,
     ListCollection,
     is_collection_source,
     open_collection,
@@ -64,7 +64,14 @@ def test_exif_orientation_is_applied() -> None:
 
 @pytest.mark.parametrize(
     ("mode", "fmt"),
-    [("L", "PNG"), ("P", "GIF"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("RGB", "WEBP"), ("RGB", "BMP")],
+    [
+        ("L", "PNG"),
+        ("P", "GIF"),
+        ("CMYK", "JPEG"),
+        ("I;16", "PNG"),
+        ("RGB", "WEBP"),
+        ("RGB", "BMP"),
+    ],
 )
 def test_every_mode_becomes_rgb(mode: str, fmt: str) -> None:
     base = gradient(64, 48)
