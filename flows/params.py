@@ -213,7 +213,7 @@ class SearchParams(BaseModel):
     @field_validator("cluster")
     @classmethod
     def _check_cluster(cls, value: str | None) -> str | None:
-        from tasks.cluster import parse_cluster
+        from tasks.cluster_setting import parse_cluster
         from tasks.errors import ImageSearchError
 
         try:

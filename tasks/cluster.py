@@ -14,13 +14,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from prefect import flow, task, unmapped
@@ -28,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.catalog import PART_ROWS, Outcome, embed_items
+from tasks.cluster_setting import ClusterSetting, parse_cluster
 from tasks.errors import ImageSearchError
 from tasks.features.content import EmbeddingStore
 from tasks.features.embed import Features, ModelSpec, forward_factory
@@ -39,56 +39,6 @@ from tasks.storage import TEMP_PREFIX, RunFolder, atomic_path
 
 SHARDED = "sharded"
 VARIABLES_ENV = "IMAGE_SEARCH_DASK_VARIABLES"
-ACCEPTED = (
-    "none (in this process), local:N (N worker processes here), tcp://HOST:PORT (a running "
-    "Dask scheduler) or kubernetes (worker pods through the Dask operator)"
-)
-_TCP = re.compile(r"tcp://(?P<host>[A-Za-z0-9.\-_]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})")
-MAX_LOCAL_WORKERS = 256
-
-
-@dataclass(frozen=True)
-class ClusterSetting:
-    """A parsed ``cluster`` setting."""
-
-    kind: Literal["in-process", "local", "address", "kubernetes"]
-    workers: int | None = None
-    address: str | None = None
-
-    def describe(self) -> str:
-        if self.kind == "local":
-            return f"local:{self.workers}"
-        if self.kind == "address":
-            return str(self.address)
-        return self.kind
-
-
-def parse_cluster(value: str | None) -> ClusterSetting:
-    """The setting for ``value``; anything else is a one-line error naming it and the forms."""
-    if value is None or value.strip() in ("", "none"):
-        return ClusterSetting("in-process")
-    text = value.strip()
-    if text == "kubernetes":
-        return ClusterSetting("kubernetes")
-    if text.startswith("local:"):
-        count = text.removeprefix("local:")
-        if not count.isdigit() or not 1 <= int(count) <= MAX_LOCAL_WORKERS:
-            raise ImageSearchError(
-                f"cluster = {value!r}: local:N needs a whole number of workers N from 1 to "
-                f"{MAX_LOCAL_WORKERS}, e.g. local:2."
-            )
-        return ClusterSetting("local", workers=int(count))
-    if text.startswith("tcp://"):
-        found = _TCP.fullmatch(text)
-        if found is None or not 1 <= int(found.group("port")) <= 65535:
-            raise ImageSearchError(
-                f"cluster = {value!r}: a scheduler address is tcp://HOST:PORT with a port from "
-                f"1 to 65535, e.g. tcp://scheduler:8786."
-            )
-        return ClusterSetting("address", address=text)
-    raise ImageSearchError(f"cluster = {value!r} is not a cluster; use {ACCEPTED}.")
-
-
 # --- Kubernetes: the DaskCluster of GPU worker pods ------------------------------------------
 
 ECI_TYPE = "k8s.aliyun.com/eci-use-specs"

@@ -45,7 +45,7 @@ from tasks.features.model import (
     weights_identity,
 )
 from tasks.report import artifact_key
-from tasks.sources.collection import Collection, Item
+from tasks.sources.collection import Collection, FolderCollection, Item, reopen
 from tasks.split import SplitRef, read_split
 from tasks.storage import DataRef, RunFolder
 
@@ -297,16 +297,21 @@ def catalog(
     collection: Collection, out: str, spec: ModelSpec, batch_size: int, cluster: str | None = None
 ) -> CatalogRef:
     """List, hash and embed what is new: in a task of this flow, or sharded over ``cluster``
-    (a nested flow on the Dask task runner, called from the flow itself)."""
+    (a nested flow on the Dask task runner, called from the flow itself). The task receives
+    the collection's description, a few strings, never the collection (it may hold a memory
+    map of gigabytes)."""
     if cluster is not None:
         return _catalog_body(collection, out, spec, batch_size, cluster)
-    return catalog_task(collection, out, spec, batch_size)
+    skip = [out] if isinstance(collection, FolderCollection) else []
+    return catalog_task(collection.describe(), skip, out, spec, batch_size)
 
 
 @task(cache_policy=NO_CACHE, name="catalog")
-def catalog_task(collection: Collection, out: str, spec: ModelSpec, batch_size: int) -> CatalogRef:
+def catalog_task(
+    described: dict[str, Any], skip: list[str], out: str, spec: ModelSpec, batch_size: int
+) -> CatalogRef:
     """Prefect task: the catalog pass in this process."""
-    return _catalog_body(collection, out, spec, batch_size, None)
+    return _catalog_body(reopen(described, skip), out, spec, batch_size, None)
 
 
 def _catalog_body(

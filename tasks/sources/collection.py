@@ -600,8 +600,9 @@ def _open(source: str, skip: Iterable[str]) -> Collection:
     )
 
 
-def reopen(described: dict[str, Any]) -> Collection:
-    """The collection a catalog's metadata describes (see :meth:`Collection.describe`)."""
+def reopen(described: dict[str, Any], skip: Iterable[str] = ()) -> Collection:
+    """The collection a catalog's metadata describes (see :meth:`Collection.describe`); a
+    folder's listing leaves out ``skip`` (the output folder, when it lies inside)."""
     if described.get("kind") == "stl10":
         return Stl10Collection(
             described["source"],
@@ -611,4 +612,4 @@ def reopen(described: dict[str, Any]) -> Collection:
         )
     if described.get("kind") == "stl10-labelled":
         return LabelledStl10(described["source"])
-    return open_collection(described["source"], limit=described.get("limit"))
+    return open_collection(described["source"], skip, limit=described.get("limit"))
