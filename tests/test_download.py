@@ -46,9 +46,10 @@ def test_download_verify_extract_decode(
     assert ref.fingerprint == fake_stl10.bin_md5
     assert Path(ref.uri).read_bytes() == fake_stl10.unlabeled
     np.testing.assert_array_equal(read_all_images(ref.uri), fake_stl10.images)
-    # Only what the search needs is extracted; no temporary or partial files remain.
+    # Only the search's file and those of the labelled sets are extracted (what the archive
+    # has of them); no temporary or partial files remain.
     names = sorted(p.name for p in (tmp_path / "stl10_binary").iterdir())
-    assert names == ["unlabeled_X.bin"]
+    assert names == ["class_names.txt", "train_y.bin", "unlabeled_X.bin"]
     assert not list(tmp_path.glob("*.part"))
 
 
