@@ -30,6 +30,7 @@ from tasks.catalog import (
     digests_of,
     embed_items,
     read_catalog,
+    read_errors,
     write_catalog,
     write_errors,
 )
@@ -155,7 +156,7 @@ def catalog_collection(
         prev = read_catalog(previous) if previous.is_file() else None
         prev_errors: dict[str, int] = {}
         if (run.out / ERRORS_FILE).is_file():
-            errs = pq.read_table(run.out / ERRORS_FILE)
+            errs = read_errors(run.out / ERRORS_FILE)
             prev_errors = dict(
                 zip(
                     errs.column("uri").to_pylist(), errs.column("image_id").to_pylist(), strict=True

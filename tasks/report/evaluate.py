@@ -13,7 +13,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.catalog import CatalogRef, load_pixels, read_catalog
+from tasks.catalog import Catalog, CatalogRef, load_pixels, read_catalog
 from tasks.features.embed import Features
 from tasks.features.store import load_features
 from tasks.report import artifact_key
@@ -43,11 +43,14 @@ log = logging.getLogger(__name__)
 GALLERY_FILE = "duplicates.png"
 
 
-def evaluate_quality(catalog: CatalogRef, features: Features) -> Quality:
-    """Retrieval quality of the query side against the index, by the catalog's labels, from an
-    exact search of each query's nearest ``MAP_AT`` (10) index images."""
-    cat = read_catalog(Path(catalog.uri))
-    index_ids, index_emb = load_features(features.index.path)
+def evaluate_quality(
+    cat: Catalog,
+    index_ids: np.ndarray,
+    index_emb: np.ndarray,
+    features: Features,
+) -> Quality:
+    """Retrieval quality of the query side against the index ((n,) ids, (n, 2048) float32),
+    by the catalog's labels, from an exact search of each query's nearest ``MAP_AT`` (10)."""
     query_ids, query_emb = load_features(features.query.path)
     k = min(MAP_AT, len(index_ids))
     _, pos = search_prepared(prepare_index(index_emb), query_emb, k)
@@ -60,12 +63,6 @@ def evaluate_quality(catalog: CatalogRef, features: Features) -> Quality:
         index_labels[pos],
         dict(zip(names.tolist(), counts.tolist(), strict=True)),
     )
-
-
-def find_duplicates(features: Features) -> Duplicates:
-    """Pairs of index images closer than the default threshold (see :func:`near_duplicates`)."""
-    ids, emb = load_features(features.index.path)
-    return near_duplicates(ids, emb)
 
 
 def evaluate(
@@ -85,11 +82,16 @@ def evaluate(
     )
     done = stage.done()
     if done is None:
+        # One read of the catalog and the index for both reports.
+        cat = read_catalog(Path(catalog.uri))
+        index_ids, index_emb = load_features(features.index.path)
         if catalog.labelled:
-            write_quality(stage.path(QUALITY_FILE), evaluate_quality(catalog, features))
-        dup = find_duplicates(features)
+            write_quality(
+                stage.path(QUALITY_FILE), evaluate_quality(cat, index_ids, index_emb, features)
+            )
+        dup = near_duplicates(index_ids, index_emb)
         write_duplicates(stage.path(DUPLICATES_FILE), dup)
-        save_png(gallery(catalog, dup), stage.path(GALLERY_FILE))
+        save_png(gallery(cat, dup), stage.path(GALLERY_FILE))
         done = stage.finish(duplicates=dup.summary())
     quality = (
         Quality.model_validate_json(stage.path(QUALITY_FILE).read_text())
@@ -99,10 +101,9 @@ def evaluate(
     return quality, dict(done["duplicates"]), stage.path(GALLERY_FILE)
 
 
-def gallery(catalog: CatalogRef, dup: Duplicates) -> Image.Image:
+def gallery(cat: Catalog, dup: Duplicates) -> Image.Image:
     """The closest pairs side by side (at most :data:`MAX_GALLERY_PAIRS`)."""
     m = min(dup.n_pairs, MAX_GALLERY_PAIRS)
-    cat = read_catalog(Path(catalog.uri))
     a, b = dup.image_id_a[:m], dup.image_id_b[:m]
     return duplicates_gallery(
         load_pixels(cat, a), load_pixels(cat, b), dup.distance[:m], np.stack([a, b], axis=1)

@@ -138,13 +138,6 @@ def decode_image(data: bytes, size: int = DEFAULT_INPUT_SIZE) -> Decoded:
     return Decoded(pixels=pixels, width=width, height=height)
 
 
-def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
-    """Bring a batch (B, h, w, 3) uint8 to (B, size, size, 3) with the same rule as files."""
-    if images.shape[1:3] == (size, size):
-        return images
-    return np.stack([fit(Image.fromarray(np.asarray(im)), size) for im in images])
-
-
 def encode_png(pixels: np.ndarray) -> bytes:
     """PNG bytes of one (h, w, 3) uint8 image (to show an image that has no file of its own)."""
     buf = io.BytesIO()

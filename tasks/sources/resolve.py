@@ -181,7 +181,8 @@ def labelled_folder(
         path = folder / name
         if path.stat().st_size == size and checksums.members.get(name):
             with data_lock(data_dir) as writable:  # the MD5 memo lives in the data cache
-                verify_file(path, checksums.members[name], data_dir) if writable else None
+                if writable:
+                    verify_file(path, checksums.members[name], data_dir)
     return folder
 
 
