@@ -129,11 +129,12 @@ def incremental(quick: bool = False) -> dict[str, Any]:
 
 
 def _incremental(tmp: Path, n: int, quick: bool) -> dict[str, Any]:
-    from tasks.features.embed import ModelSpec, assemble_features, catalog_collection
+    from tasks.features.embed import assemble_features, catalog_collection
     from tasks.sources.collection import open_collection
     from tasks.sources.sample import make_sample_images
     from tasks.split import split_dataset
     from tasks.storage import RunFolder
+    from tasks.types import ModelSpec
 
     folder = tmp / "photos"
     folder.mkdir()

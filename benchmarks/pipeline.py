@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.harness import GRACE_S, wait_or_stop
-from tasks.storage import STATE_DIR
+from tasks.layout import STATE_DIR
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

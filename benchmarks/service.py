@@ -54,11 +54,12 @@ def write_image(path: Path, side: int, seed: int) -> Path:
 def synthetic_index(folder: Path, n: int, input_size: int) -> Path:
     """An index folder of ``n`` random (n, 2048) ReLU features with the metadata a run with
     random weights at ``input_size`` writes, and a catalog pointing at 16 generated images."""
-    from tasks.catalog import CATALOG_FILE, CATALOG_SCHEMA, write_catalog
+    from tasks.catalog import CATALOG_SCHEMA, write_catalog
     from tasks.features import store
-    from tasks.features.embed import ModelSpec
     from tasks.features.model import DIM, ModelInfo
-    from tasks.query import FEATURES
+    from tasks.layout import CATALOG_FILE
+    from tasks.layout import INDEX_FEATURES as FEATURES
+    from tasks.types import ModelSpec
 
     images = folder / "images"
     images.mkdir(parents=True)

@@ -194,8 +194,8 @@ def embed_config_child(config: str, source: str, out: str, batch_size: int) -> d
     """One configuration's catalog embedding of the STL-10-format file ``source`` into an empty
     store under ``out``; the wall time includes TensorFlow's import and the model build (once
     in-process, once per worker process on a fresh cluster: an honest cost of the Dask path)."""
-    from tasks.features.embed import ModelSpec
     from tasks.sources.collection import Stl10Collection
+    from tasks.types import ModelSpec
 
     spec = ModelSpec(weights="none")
     collection = Stl10Collection(source)

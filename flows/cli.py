@@ -38,8 +38,8 @@ from pydantic_settings import (
 
 import tasks
 from flows.local_api import TemporaryApi, check_api, startup_timeout
-from flows.params import SearchParams, cli_names, format_validation_error
-from tasks.errors import ImageSearchError
+from flows.params import SearchParams, format_validation_error
+from tasks.errors import ImageSearchError, option_name, worded
 
 PROG = "image-search"
 EXIT_USER_ERROR = 1
@@ -314,8 +314,10 @@ def _console_without_tracebacks() -> Iterator[None]:
             handler.removeFilter(quiet)
 
 
-def _error(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+def _error(message: str | ImageSearchError) -> None:
+    """One line on stderr; settings named as options."""
+    text = message.worded(option_name) if isinstance(message, ImageSearchError) else message
+    print(f"{PROG}: error: {worded(text, option_name)}", file=sys.stderr)
 
 
 def _run(params: SearchParams, show_traceback: bool) -> int:
@@ -336,10 +338,10 @@ def _run(params: SearchParams, show_traceback: bool) -> int:
     except TerminationSignal as exc:
         raise Terminated from exc
     except ImageSearchError as exc:
-        _error(str(exc))
+        _error(exc)
         return EXIT_USER_ERROR
     if isinstance(outcome, ImageSearchError):
-        _error(str(outcome))
+        _error(outcome)
         return EXIT_USER_ERROR
     if isinstance(outcome, BaseException):
         raise outcome
@@ -378,7 +380,7 @@ def _ask(command: QueryCommand | ServeCommand) -> int:
             return _query(command)
         return _serve(command)
     except ImageSearchError as exc:
-        _error(str(exc))
+        _error(exc)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         _error("interrupted.")
@@ -468,14 +470,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a command line argparse could not read
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_PARAMETERS
     except ValidationError as exc:
-        with cli_names():
-            _error(_options_error(exc) if _asks(exc) else format_validation_error(exc))
+        _error(_options_error(exc) if _asks(exc) else format_validation_error(exc))
         return EXIT_BAD_PARAMETERS
     if isinstance(command, QueryCommand | ServeCommand):
         with _run_environment(), _stop_on_sigterm():
             return _ask(command)
     params = SearchParams(**command.model_dump(exclude={"traceback"}))
-    with cli_names(), _run_environment(), _stop_on_sigterm():
+    with _run_environment(), _stop_on_sigterm():
         try:
             return _run(params, command.traceback)
         except KeyboardInterrupt:

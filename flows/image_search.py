@@ -35,17 +35,16 @@ from flows.params import (
     Weights,
 )
 from flows.reporting import failed, quiet_user_errors, separate_folders, show_task_logs
-from tasks.catalog import CATALOG_FILE, ERRORS_FILE, check_error_rate
+from tasks import layout
+from tasks.catalog import check_error_rate
 from tasks.cluster import search_features_sharded
-from tasks.compare import COMPARE_FILE, NEIGHBORS_FILE, compare, stages_of
+from tasks.compare import compare
 from tasks.errors import ImageSearchError, TransientNetworkError
-from tasks.features.embed import FEATURES_DIR, ModelSpec, catalog, check_input_size, embed
+from tasks.features.embed import catalog, check_input_size, embed
 from tasks.features.model import weights_path
-from tasks.report.duplicates import DUPLICATES_FILE
 from tasks.report.evaluate import evaluate_task
-from tasks.report.quality import QUALITY_FILE
-from tasks.report.report import RESULTS_FILE, report
-from tasks.report.samples import SAMPLES_FILE, show
+from tasks.report.report import report
+from tasks.report.samples import show
 from tasks.search.backends import choose_backends, validate_k
 from tasks.search.knn import knn
 from tasks.sources.cache import default_data_dir
@@ -59,8 +58,9 @@ from tasks.sources.collection import (
 from tasks.sources.resolve import RETRIES, download_task, labelled_folder
 from tasks.sources.sample import ensure_labelled_sample
 from tasks.sources.stl10 import EXTRACT_DIR, with_limit
-from tasks.split import SPLIT_FILE, check_split, split
+from tasks.split import check_split, split
 from tasks.storage import RunFolder, ensure_writable_dir, folder_lock
+from tasks.types import ModelSpec
 
 
 @flow(name="image-search", log_prints=True)
@@ -140,7 +140,7 @@ def resolve_collection(params: SearchParams, out_dir: Path) -> Collection:
     try:
         fetched = download_task()(params.source, params.data_dir)
     except TransientNetworkError as exc:  # still failing after every retry
-        raise ImageSearchError(f"{exc} Gave up after {RETRIES + 1} attempts.") from exc
+        raise ImageSearchError(f"{exc.args[0]} Gave up after {RETRIES + 1} attempts.") from exc
     if labelled:
         return LabelledStl10(str(labelled_folder(Path(fetched.uri).parent, data_dir(params))))
     dataset = with_limit(fetched, params.limit)
@@ -181,7 +181,7 @@ def _search(params: SearchParams) -> dict[str, str]:
         try:
             check_error_rate(catalog_ref, params.max_error_rate)
         except ImageSearchError:
-            run.commit(["catalog"])  # keep errors.parquet where the message says it is
+            run.commit([layout.CATALOG.name])  # keep errors.parquet where the message says it
             raise
         # Some images may have failed: check again with those that are usable.
         n_index, _ = check_split(catalog_ref.rows, params.split_ratio)
@@ -198,19 +198,11 @@ def _search(params: SearchParams) -> dict[str, str]:
         report(summary, runs, features, catalog_ref, out, params.n_results, params.seed)
         # The new outputs replace the old ones as one set, even when the verdict is a failure:
         # compare.json then says why.
-        stages = ["catalog", "samples", "split", "embed", *stages_of(runs), "compare"]
-        run.commit([*stages, "evaluate", "results"])
+        run.commit(layout.run_stages(r.backend for r in runs if r.available))
     if not summary.passed:
-        raise ImageSearchError(f"{summary.failure} See {out_dir / COMPARE_FILE}.")
+        raise ImageSearchError(f"{summary.failure} See {out_dir / layout.COMPARE_FILE}.")
     return {
-        "catalog": str(out_dir / CATALOG_FILE),
-        "errors": str(out_dir / ERRORS_FILE),
-        "samples": str(out_dir / SAMPLES_FILE),
-        "split": str(out_dir / SPLIT_FILE),
-        "features": str(out_dir / FEATURES_DIR),
-        "neighbors": str(out_dir / NEIGHBORS_FILE),
-        "compare": str(out_dir / COMPARE_FILE),
-        "results": str(out_dir / RESULTS_FILE),
-        "duplicates": str(out_dir / DUPLICATES_FILE),
-        **({"quality": str(out_dir / QUALITY_FILE)} if "quality" in evaluation else {}),
+        name: str(out_dir / rel)
+        for name, rel in layout.RUN_OUTPUTS.items()
+        if name != "quality" or "quality" in evaluation
     }

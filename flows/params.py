@@ -7,11 +7,7 @@ model and the ``image-search run`` options all use these types, so they cannot d
 
 from __future__ import annotations
 
-import re
 import shlex
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.errors import param
 from tasks.search.backends import BACKEND_NAMES, BackendName
 from tasks.sources.stl10 import OFFICIAL_URL
 
@@ -34,10 +31,7 @@ __all__ = [
     "OFFICIAL_URL",
     "BackendName",
     "SearchParams",
-    "cli_names",
-    "for_reader",
     "format_validation_error",
-    "option",
     "overlap_message",
 ]
 
@@ -219,13 +213,15 @@ class SearchParams(BaseModel):
         try:
             parse_cluster(value)
         except ImageSearchError as exc:
-            raise ValueError(str(exc)) from exc
+            raise ValueError(exc.args[0]) from exc  # the message as written: the edge words it
         return value
 
     @model_validator(mode="after")
     def _check(self) -> SearchParams:
         if self.weights.strip() == "":
-            raise ValueError("--weights must be 'imagenet', 'none' or a path to a weights file")
+            raise ValueError(
+                f"{param('weights')} must be 'imagenet', 'none' or a path to a weights file"
+            )
         if self.data_dir is not None and (clash := overlap_message(self.out, self.data_dir)):
             raise ValueError(clash)
         return self
@@ -251,43 +247,9 @@ def overlap_message(out: str | Path, data_dir: str | Path) -> str | None:
     else:
         return None
     return (
-        f"The output folder {a} (--out) {how} the data cache {b} (--data-dir); "
+        f"The output folder {a} ({param('out')}) {how} the data cache {b} ({param('data_dir')}); "
         f"choose two separate folders."
     )
-
-
-def option(name: str) -> str:
-    """The command-line option of parameter ``name``: ``split_ratio`` -> ``--split-ratio``."""
-    return "--" + name.replace("_", "-")
-
-
-# Set by the command line: its users know parameters as options, everyone else as form fields.
-_CLI_NAMES: ContextVar[bool] = ContextVar("image_search_cli_names", default=False)
-_OPTIONS = re.compile(
-    "--("
-    + "|".join(sorted((option(n)[2:] for n in SearchParams.model_fields), key=len)[::-1])
-    # An option ends where a word does: not inside --split-ratios or --out-dir.
-    + r")(?![\w-])"
-)
-
-
-@contextmanager
-def cli_names() -> Iterator[None]:
-    """Within this block, messages name parameters as command-line options (``--k``)."""
-    token = _CLI_NAMES.set(True)
-    try:
-        yield
-    finally:
-        _CLI_NAMES.reset(token)
-
-
-def for_reader(message: str) -> str:
-    """``message``, which names parameters as options (``--split-ratio``), as its reader knows
-    them: unchanged for the command line, form fields (``split_ratio``) for a run from the UI,
-    the API or a deployment."""
-    if _CLI_NAMES.get():
-        return message
-    return _OPTIONS.sub(lambda m: m.group(1).replace("-", "_"), message)
 
 
 def _shown(value: Any) -> str:
@@ -295,12 +257,13 @@ def _shown(value: Any) -> str:
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    """One line per bad parameter: its name, the value given and what is allowed."""
+    """One line per bad parameter: its name (a :func:`~tasks.errors.param`, for the edge to
+    word), the value given and what is allowed."""
     lines = []
     for err in exc.errors(include_url=False):
         message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
         names = [p for p in err["loc"] if isinstance(p, str) and p in SearchParams.model_fields]
         if names:
-            message = f"{option(names[-1])} = {_shown(err.get('input'))}: {message}"
+            message = f"{param(names[-1])} = {_shown(err.get('input'))}: {message}"
         lines.append(message)
-    return for_reader("invalid parameters:\n  " + "\n  ".join(lines))
+    return "invalid parameters:\n  " + "\n  ".join(lines)

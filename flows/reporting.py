@@ -2,8 +2,9 @@
 
 A problem the user can fix (:class:`~tasks.errors.ImageSearchError`, a bad combination of
 parameters) ends the run Failed with its message alone: no traceback in the run's log, the
-parameters named as the reader knows them. Real bugs keep their tracebacks. The pure functions'
-own log lines (``tasks.*``) are part of the run's log.
+parameters named as form fields (the command line words them as options itself). Real bugs
+keep their tracebacks. The pure functions' own log lines (``tasks.*``) are part of the run's
+log.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any
 from prefect.states import Failed, State
 from pydantic import ValidationError
 
-from flows.params import SearchParams, for_reader, format_validation_error, overlap_message
-from tasks.errors import ImageSearchError
+from flows.params import SearchParams, format_validation_error, overlap_message
+from tasks.errors import ImageSearchError, param, worded
 from tasks.sources.cache import DATA_ENV, default_data_dir
 
 # Where Prefect logs a failed task or flow run, with the exception attached.
@@ -26,15 +27,12 @@ TASK_LOGGER = "tasks"
 
 class ForTheReader(logging.Filter):
     """A run log line as its reader needs it: a user-fixable error as its message alone (the
-    traceback would only bury it), parameters named as the reader knows them."""
+    traceback would only bury it)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], ImageSearchError):
             record.exc_info = None
             record.exc_text = None
-        message = record.getMessage()
-        if "--" in message:
-            record.msg, record.args = for_reader(message), ()
         return True
 
 
@@ -66,15 +64,13 @@ def separate_folders(params: SearchParams) -> None:
     if clash:
         raise ImageSearchError(
             f"{clash} The data cache comes from ${DATA_ENV}, else the per-user cache folder; "
-            f"--data-dir sets it for one run."
+            f"{param('data_dir')} sets it for one run."
         )
 
 
 def failed(exc: ImageSearchError | ValidationError) -> State[Any]:
     """The Failed state that ends a run stopped by a user error: the message alone, naming the
-    parameters as the reader knows them. Calling the flow raises it as an ImageSearchError."""
-    if isinstance(exc, ValidationError):
-        message = format_validation_error(exc)
-    else:
-        message = for_reader(str(exc))
-    return Failed(message=message, data=ImageSearchError(message))
+    parameters as form fields. Calling the flow raises it as an ImageSearchError, which still
+    carries the parameters as :func:`~tasks.errors.param` for the command line to word."""
+    raw = format_validation_error(exc) if isinstance(exc, ValidationError) else exc.args[0]
+    return Failed(message=worded(raw), data=ImageSearchError(raw))

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from tasks.errors import ImageSearchError
-from tasks.features.embed import ModelSpec
 from tasks.query import (
     Forward,
     Index,
@@ -34,6 +33,7 @@ from tasks.query import (
     open_index,
     search,
 )
+from tasks.types import ModelSpec
 
 log = logging.getLogger(__name__)
 

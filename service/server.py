@@ -9,7 +9,7 @@ import sys
 
 from service.app import Limits, create_app
 from service.engine import Engine
-from tasks.errors import ImageSearchError
+from tasks.errors import ImageSearchError, param
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,9 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ImageSearchError(
-            f"Cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port, "
-            f"or --host 127.0.0.1."
+            f"Cannot listen on {host}:{port} ({exc.strerror or exc}); choose another "
+            f"{param('port')}, "
+            f"or {param('host')} 127.0.0.1."
         ) from exc
     sock.listen(128)
     sock.set_inheritable(True)

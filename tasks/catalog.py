@@ -20,20 +20,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
 from tqdm import tqdm
 
-from tasks.errors import ImageSearchError
+from tasks.errors import ImageSearchError, param
 from tasks.features.content import EmbeddingStore
 from tasks.hardware import cpu_count
+from tasks.layout import ERRORS_FILE
 from tasks.sources.collection import Collection, Item, reopen
 from tasks.sources.images import BadImage, Decoded
-from tasks.storage import DataRef, atomic_path
+from tasks.storage import atomic_path
+from tasks.types import CatalogRef
 
 log = logging.getLogger(__name__)
 
-CATALOG_FILE = "catalog.parquet"
-ERRORS_FILE = "errors.parquet"
 META_KEY = b"image_search_catalog"
 PART_ROWS = 1024  # embeddings per store part: what a kill can lose at most
 CATALOG_SCHEMA = pa.schema(
@@ -55,14 +54,6 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("reason", pa.string(), nullable=False),
     ]
 )
-
-
-class CatalogRef(DataRef):
-    """Reference to ``catalog.parquet``: ``rows`` usable images, plus what the pass did."""
-
-    n_errors: int = 0
-    labelled: bool = False
-    stats: dict[str, int] = Field(default_factory=dict)
 
 
 @dataclass
@@ -357,9 +348,9 @@ def check_error_rate(catalog: CatalogRef, max_error_rate: float) -> None:
     errors = read_errors(Path(catalog.uri).parent / ERRORS_FILE)
     raise ImageSearchError(
         f"{catalog.n_errors} of {listed} images ({catalog.n_errors / listed:.1%}) could not be "
-        f"used, more than --max-error-rate = {max_error_rate:.1%} allows. First: "
+        f"used, more than {param('max_error_rate')} = {max_error_rate:.1%} allows. First: "
         f"{'; '.join(first_errors(errors, 3))}. Every reason is in {ERRORS_FILE} in the output "
-        f"folder; fix or remove those files, or raise --max-error-rate."
+        f"folder; fix or remove those files, or raise {param('max_error_rate')}."
     )
 
 

@@ -30,12 +30,13 @@ from tasks.catalog import PART_ROWS, Outcome, embed_items
 from tasks.cluster_setting import ClusterSetting, parse_cluster
 from tasks.errors import ImageSearchError
 from tasks.features.content import EmbeddingStore
-from tasks.features.embed import Features, ModelSpec, forward_factory
+from tasks.features.embed import forward_factory
+from tasks.layout import TEMP_PREFIX, knn_stage
 from tasks.search.backends import SearchRun, validate_k
-from tasks.search.knn import KNN_DIR, stage_name
 from tasks.search.shards import Shard, ShardResult, merge_topk, plan_shards, search_shard
 from tasks.sources.collection import Collection, Item, reopen
-from tasks.storage import TEMP_PREFIX, RunFolder, atomic_path
+from tasks.storage import RunFolder, atomic_path
+from tasks.types import Features, ModelSpec
 
 SHARDED = "sharded"
 VARIABLES_ENV = "IMAGE_SEARCH_DASK_VARIABLES"
@@ -319,11 +320,11 @@ def search_features_sharded(
     """The ``sharded`` backend: like :func:`tasks.search.knn.search_features`, staged the same
     way. The answer does not depend on the cluster, so the cluster is not part of the key."""
     parse_cluster(cluster)  # a bad setting stops here, before anything runs
-    rel = f"{KNN_DIR}/{SHARDED}.npz"
+    layout = knn_stage(SHARDED)
+    (rel,) = layout.outputs
     stage = run.stage(
-        stage_name(SHARDED),
+        layout,
         [features.index.fingerprint, features.query.fingerprint, SHARDED, k],
-        [rel],
         code=["tasks.search", "tasks.cluster"],
     )
     done = stage.done()

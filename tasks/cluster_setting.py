@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from tasks.errors import ImageSearchError
+from tasks.errors import ImageSearchError, param
 
 ACCEPTED = (
     "none (in this process), local:N (N worker processes here), tcp://HOST:PORT (a running "
@@ -44,16 +44,16 @@ def parse_cluster(value: str | None) -> ClusterSetting:
         count = text.removeprefix("local:")
         if not count.isdigit() or not 1 <= int(count) <= MAX_LOCAL_WORKERS:
             raise ImageSearchError(
-                f"cluster = {value!r}: local:N needs a whole number of workers N from 1 to "
-                f"{MAX_LOCAL_WORKERS}, e.g. local:2."
+                f"{param('cluster')} = {value!r}: local:N needs a whole number of workers N from "
+                f"1 to {MAX_LOCAL_WORKERS}, e.g. local:2."
             )
         return ClusterSetting("local", workers=int(count))
     if text.startswith("tcp://"):
         found = _TCP.fullmatch(text)
         if found is None or not 1 <= int(found.group("port")) <= 65535:
             raise ImageSearchError(
-                f"cluster = {value!r}: a scheduler address is tcp://HOST:PORT with a port from "
-                f"1 to 65535, e.g. tcp://scheduler:8786."
+                f"{param('cluster')} = {value!r}: a scheduler address is tcp://HOST:PORT with a "
+                f"port from 1 to 65535, e.g. tcp://scheduler:8786."
             )
         return ClusterSetting("address", address=text)
-    raise ImageSearchError(f"cluster = {value!r} is not a cluster; use {ACCEPTED}.")
+    raise ImageSearchError(f"{param('cluster')} = {value!r} is not a cluster; use {ACCEPTED}.")

@@ -15,14 +15,13 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.errors import ImageSearchError
-from tasks.features.embed import Features
 from tasks.features.store import load_features
+from tasks.layout import COMPARE, COMPARE_FILE, NEIGHBORS_FILE
 from tasks.search.backends import REFERENCE, SearchRun
-from tasks.search.knn import load_neighbors, stage_name
+from tasks.search.knn import load_neighbors
 from tasks.storage import RunFolder, atomic_path, write_json_atomic
+from tasks.types import Features
 
-COMPARE_FILE = "compare.json"
-NEIGHBORS_FILE = "neighbors.parquet"
 TIE_RTOL = 1e-6  # exact (float64) distances this close are equal: duplicates, not neighbours
 EXACT_CHUNK = 512
 
@@ -331,9 +330,8 @@ def compare_runs(
     """
     searched = [r.model_dump(exclude={"path"}) for r in runs]
     stage = run.stage(
-        "compare",
+        COMPARE,
         [features.index.fingerprint, features.query.fingerprint, searched, tolerance],
-        [COMPARE_FILE, NEIGHBORS_FILE],
         code=["tasks.compare"],
     )
     if stage.done() is not None:
@@ -346,11 +344,6 @@ def compare_runs(
     write_neighbors(stage.path(NEIGHBORS_FILE), loaded)
     stage.finish()
     return summary
-
-
-def stages_of(runs: list[SearchRun]) -> list[str]:
-    """The stage names a comparison of ``runs`` reads from."""
-    return [stage_name(r.backend) for r in runs if r.available]
 
 
 def _fmt(values: list[float]) -> str:

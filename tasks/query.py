@@ -29,23 +29,21 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.catalog import CATALOG_FILE
 from tasks.catalog import META_KEY as CATALOG_META_KEY
-from tasks.errors import ImageSearchError
+from tasks.errors import ImageSearchError, param
 from tasks.features import store
-from tasks.features.embed import OUTPUTS, ModelSpec
 from tasks.features.model import DIM, PREPROCESSING, build_model, make_forward
+from tasks.layout import CATALOG_FILE, EMBED, INDEX_FEATURES, INDEX_FILES
 from tasks.report import artifact_key
 from tasks.report.pictures import image_grid, markdown_image
 from tasks.search.exact import PreparedIndex, prepare_index, search_prepared
 from tasks.sources.collection import Collection, open_collection, read_uri, reopen
 from tasks.sources.images import RESIZE_RULE, BadImage, decode_image
-from tasks.storage import STATE_DIR
+from tasks.storage import unsettled
+from tasks.types import ModelSpec
 
 log = logging.getLogger(__name__)
 
-FEATURES = OUTPUTS["index"]  # features/index.parquet, relative to the index folder
-RECORDS = {FEATURES: f"{STATE_DIR}/embed.json", CATALOG_FILE: f"{STATE_DIR}/catalog.json"}
 MODEL = "keras.applications.ResNet50"
 THUMB = 96  # side of the pictures' tiles
 EMBED_BATCH = 32  # query images per forward pass when a folder is asked
@@ -53,7 +51,7 @@ Forward = Callable[[np.ndarray], np.ndarray]
 
 
 def _how_to_build(folder: Path) -> str:
-    return f"build one with `image-search run --source YOUR_IMAGES --out {folder}`"
+    return f"build one: run image-search with {param('source')} YOUR_IMAGES {param('out')} {folder}"
 
 
 def index_identity(folder: Path) -> str | None:
@@ -61,34 +59,16 @@ def index_identity(folder: Path) -> str | None:
     the features file and of its stage record (a commit renames each into place, the catalog
     before them, the record last). None when the folder holds no features file."""
     parts = []
-    for rel in (FEATURES, RECORDS[FEATURES]):
+    for rel in (INDEX_FEATURES, EMBED.record):
         try:
             st = os.stat(folder / rel)
         except OSError:
-            if rel == FEATURES:
+            if rel == INDEX_FEATURES:
                 return None
             parts.append(f"{rel}:-")
             continue
         parts.append(f"{rel}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
     return "|".join(parts)
-
-
-def _settled(folder: Path) -> str | None:
-    """Why the files in ``folder`` are not the set their stage records describe (a commit under
-    way), or None when they are, or when no record exists (a folder assembled by hand)."""
-    for rel, record_rel in RECORDS.items():
-        try:
-            record = json.loads((folder / record_rel).read_text())
-            seen = record["outputs"][rel]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        try:
-            st = os.stat(folder / rel)
-        except OSError:
-            return f"{rel} is missing"
-        if (st.st_size, st.st_mtime_ns) != (seen.get("size"), seen.get("mtime_ns")):
-            return f"{rel} is not the file its record {record_rel} describes"
-    return None
 
 
 @dataclass
@@ -177,15 +157,15 @@ def open_index(folder: str | Path, attempts: int = 5, wait_s: float = 0.5) -> In
         before = index_identity(path)
         if before is None:
             raise ImageSearchError(
-                f"{path} holds no {FEATURES}: it is not the output folder of a finished run; "
+                f"{path} holds no {INDEX_FEATURES}: it is not the output folder of a finished run; "
                 f"{_how_to_build(path)}."
             )
         if not (path / CATALOG_FILE).is_file():
             raise ImageSearchError(
-                f"{path} holds {FEATURES} but no {CATALOG_FILE}; run `image-search run` with "
-                f"--out {path} again to write it."
+                f"{path} holds {INDEX_FEATURES} but no {CATALOG_FILE}; run image-search "
+                f"again with {param('out')} {path} to write it."
             )
-        reason = _settled(path) or ""
+        reason = unsettled(path, INDEX_FILES) or ""
         if reason:
             continue
         index = _load(path, before)
@@ -199,7 +179,7 @@ def open_index(folder: str | Path, attempts: int = 5, wait_s: float = 0.5) -> In
 
 
 def _load(path: Path, identity: str) -> Index:
-    features = path / FEATURES
+    features = path / INDEX_FEATURES
     meta = store.read_metadata(features)
     ids, emb = store.load_features(features)
     if emb.shape[1] != DIM:
@@ -216,7 +196,8 @@ def _load(path: Path, identity: str) -> Index:
         collection_meta = json.loads(schema_meta[CATALOG_META_KEY])["collection"]
     except (OSError, pa.ArrowInvalid, KeyError, ValueError) as exc:
         raise ImageSearchError(
-            f"Cannot read {catalog_path} ({exc}); run `image-search run` with --out {path} again."
+            f"Cannot read {catalog_path} ({exc}); run image-search again with "
+            f"{param('out')} {path}."
         ) from exc
     cat_ids = table.column("image_id").to_numpy()
     take = np.searchsorted(cat_ids, ids)
@@ -225,8 +206,8 @@ def _load(path: Path, identity: str) -> Index:
     if len(missing):
         raise ImageSearchError(
             f"{len(missing)} images of {features} (first: id {int(missing[0])}) are not in "
-            f"{catalog_path}: the two files come from different runs; run `image-search run` "
-            f"with --out {path} again."
+            f"{catalog_path}: the two files come from different runs; run image-search "
+            f"again with {param('out')} {path}."
         )
     indices = pa.array(take)
     return Index(
@@ -264,9 +245,9 @@ def model_spec(meta: dict[str, Any], weights: str | None = None) -> ModelSpec:
         )
     if weights is not None and not _same_weights(weights, str(recorded)):
         raise ImageSearchError(
-            f"--weights {weights} differs from the weights the index was built with "
-            f"({recorded}); leave --weights out to use the index's own, or rebuild the index "
-            f"with `image-search run --weights {weights}`."
+            f"{param('weights')} {weights} differs from the weights the index was built with "
+            f"({recorded}); leave {param('weights')} out to use the index's own, or rebuild the "
+            f"index with {param('weights')} {weights}."
         )
     differs = [
         f"{name} {meta.get(key)!r} (here: {ours!r})"
@@ -333,8 +314,8 @@ def check_k(k: int, index: Index) -> int:
     """``k``, checked against the index: 1 <= k <= number of index images."""
     if not 1 <= k <= len(index):
         raise ImageSearchError(
-            f"k = {k}, but the index in {index.folder} holds {len(index)} images; use --k "
-            f"between 1 and {len(index)}."
+            f"{param('k')} = {k}, but the index in {index.folder} holds {len(index)} images; use "
+            f"{param('k')} between 1 and {len(index)}."
         )
     return k
 

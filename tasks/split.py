@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.errors import ImageSearchError
-from tasks.storage import DataRef, RunFolder, atomic_path
-
-SPLIT_FILE = "split.parquet"
+from tasks.errors import ImageSearchError, param
+from tasks.layout import SPLIT, SPLIT_FILE
+from tasks.storage import RunFolder, atomic_path
+from tasks.types import DataRef, SplitRef
 
 
 def check_split(n: int, ratio: float) -> tuple[int, int]:
@@ -22,12 +22,15 @@ def check_split(n: int, ratio: float) -> tuple[int, int]:
     Cheap, so a flow can call it before it writes anything.
     """
     if not 0.0 < ratio < 1.0:
-        raise ImageSearchError(f"split_ratio = {ratio}; it must lie strictly between 0 and 1.")
+        raise ImageSearchError(
+            f"{param('split_ratio')} = {ratio}; it must lie strictly between 0 and 1."
+        )
     n_index = round(n * ratio)
     n_query = n - n_index
     if n_index < 1 or n_query < 1:
         raise ImageSearchError(
-            f"split_ratio = {ratio} of {n} images leaves {n_index} index and {n_query} query "
+            f"{param('split_ratio')} = {ratio} of {n} images leaves {n_index} index and "
+            f"{n_query} query "
             f"images; both need at least one. Use more images or a ratio nearer 0.5."
         )
     return n_index, n_query
@@ -82,13 +85,6 @@ def read_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(index_ids), np.sort(query_ids)
 
 
-class SplitRef(DataRef):
-    """Reference to ``split.parquet`` with the size of each side."""
-
-    n_index: int
-    n_query: int
-
-
 def catalog_ids(catalog: DataRef) -> np.ndarray:
     """The sorted image ids (n,) int64 of a catalog file."""
     try:
@@ -117,9 +113,7 @@ def prescribed_split(catalog: DataRef) -> tuple[np.ndarray, np.ndarray] | None:
 
 def split_dataset(catalog: DataRef, run: RunFolder, ratio: float, seed: int) -> SplitRef:
     """Split the catalog's images into ``split.parquet`` unless the same split is there."""
-    stage = run.stage(
-        "split", [catalog.fingerprint, catalog.rows, ratio, seed], [SPLIT_FILE], ["tasks.split"]
-    )
+    stage = run.stage(SPLIT, [catalog.fingerprint, catalog.rows, ratio, seed], code=["tasks.split"])
     if stage.done() is None:
         prescribed = prescribed_split(catalog)
         index_ids, query_ids = prescribed or split_ids(catalog_ids(catalog), ratio, seed)

@@ -21,38 +21,27 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
 from tasks.errors import ImageSearchError
+from tasks.layout import (
+    EMBEDDINGS_DIR,
+    JOURNAL,
+    LOCK_FILE,
+    OUTPUT_SUBDIRS,
+    STAGING_DIR,
+    STATE_DIR,
+    TEMP_PREFIX,
+    StageLayout,
+    record_of,
+)
 
 log = logging.getLogger(__name__)
 
-TEMP_PREFIX = ".image-search-tmp."  # every temporary file the product writes starts with this
-LOCK_FILE = ".image-search.lock"
-STATE_DIR = ".state"
-STAGING_DIR = ".staging"
-EMBEDDINGS_DIR = ".embeddings"  # the content-addressed embedding store, one folder per model
-JOURNAL = ".commit.json"
 HASH_CHUNK = 1 << 22
-
-
-class DataRef(BaseModel):
-    """A small, serialisable reference to data on disk, passed between tasks instead of arrays."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    uri: str
-    rows: int
-    fingerprint: str
-
-    @property
-    def path(self) -> Path:
-        return Path(self.uri)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -244,6 +233,38 @@ def code_version(*modules: str) -> str:
     return h.hexdigest()[:16]
 
 
+def read_record(folder: Path, stage: str) -> dict[str, Any] | None:
+    """The record stage ``stage`` left in ``folder`` (key, outputs with size, mtime and SHA-256,
+    info), or None when there is none or it cannot be read."""
+    try:
+        record = json.loads((folder / record_of(stage)).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def unsettled(folder: Path, files: Mapping[str, str]) -> str | None:
+    """Why files ``files`` (path relative to ``folder`` -> the stage that wrote it) are not the
+    ones their stage records describe (a commit under way), or None when they are, or when no
+    record exists (a folder assembled by hand). Compares size and mtime only: cheap enough to
+    ask before every read of an index."""
+    for rel, stage in files.items():
+        record = read_record(folder, stage)
+        try:
+            seen = record["outputs"][rel] if record else None
+        except (KeyError, TypeError):
+            seen = None
+        if not isinstance(seen, dict):
+            continue
+        try:
+            st = os.stat(folder / rel)
+        except OSError:
+            return f"{rel} is missing"
+        if (st.st_size, st.st_mtime_ns) != (seen.get("size"), seen.get("mtime_ns")):
+            return f"{rel} is not the file its record {record_of(stage)} describes"
+    return None
+
+
 class Stage:
     """One stage's view of the run folder: is it done for this key, where its outputs are, and
     the record that says so.
@@ -273,7 +294,7 @@ class Stage:
                 self._base = base
                 self.info = info
                 if base == self.run.out:
-                    (self.run.staging / STATE_DIR / f"{self.name}.json").unlink(missing_ok=True)
+                    (self.run.staging / record_of(self.name)).unlink(missing_ok=True)
                 return info
         return None
 
@@ -286,7 +307,7 @@ class Stage:
         base = self.path("")
         files = {rel: self._describe(base / rel, None) for rel in self.outputs}
         record = {"key": self.key, "outputs": files, "info": info}
-        write_json_atomic(base / STATE_DIR / f"{self.name}.json", record)
+        write_json_atomic(base / record_of(self.name), record)
         self.info = info
         return info
 
@@ -298,11 +319,7 @@ class Stage:
         return fingerprint(self.key, {rel: f["sha256"] for rel, f in record["outputs"].items()})
 
     def _record(self, base: Path) -> dict[str, Any] | None:
-        try:
-            record = json.loads((base / STATE_DIR / f"{self.name}.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return record if isinstance(record, dict) else None
+        return read_record(base, self.name)
 
     def _check(self, base: Path) -> dict[str, Any] | None:
         record = self._record(base)
@@ -338,12 +355,11 @@ class RunFolder:
         self.out = out
         self.staging = out / STAGING_DIR
 
-    def stage(
-        self, name: str, key_parts: Sequence[Any], outputs: Sequence[str], code: Sequence[str]
-    ) -> Stage:
-        """The stage ``name`` keyed by ``key_parts`` and the source of the ``code`` modules."""
-        key = fingerprint(name, code_version(*tuple(code)), *key_parts)
-        return Stage(self, name, key, outputs)
+    def stage(self, layout: StageLayout, key_parts: Sequence[Any], code: Sequence[str]) -> Stage:
+        """The stage ``layout`` names, keyed by ``key_parts`` and the source of the ``code``
+        modules."""
+        key = fingerprint(layout.name, code_version(*tuple(code)), *key_parts)
+        return Stage(self, layout.name, key, layout.outputs)
 
     def clean_orphans(self) -> list[Path]:
         """Remove temporary files of killed runs from the folders this product writes."""
@@ -368,7 +384,7 @@ class RunFolder:
         Stages whose outputs were already in place have no staged record and are skipped.
         Returns the stages moved.
         """
-        names = sorted(n for n in stages if (self.staging / STATE_DIR / f"{n}.json").exists())
+        names = sorted(n for n in stages if (self.staging / record_of(n)).exists())
         if not names:
             return []
         write_json_atomic(self.staging / JOURNAL, names)
@@ -377,7 +393,7 @@ class RunFolder:
 
     def _switch(self, names: list[str]) -> None:
         for name in names:
-            record_path = self.staging / STATE_DIR / f"{name}.json"
+            record_path = self.staging / record_of(name)
             try:
                 record = json.loads(record_path.read_text())
             except (OSError, ValueError):
@@ -388,13 +404,9 @@ class RunFolder:
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(src, dest)
             (self.out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-            os.replace(record_path, self.out / STATE_DIR / f"{name}.json")
+            os.replace(record_path, self.out / record_of(name))
         (self.staging / JOURNAL).unlink(missing_ok=True)
 
     def discard_staging(self) -> None:
         """Forget every staged output (used by tests and by a user's fresh start)."""
         shutil.rmtree(self.staging, ignore_errors=True)
-
-
-# Sub-folders of the output folder that hold only files this product writes.
-OUTPUT_SUBDIRS = frozenset({"features", ".knn", STATE_DIR})

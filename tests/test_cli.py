@@ -19,7 +19,8 @@ import pytest
 
 from flows.cli import _run_environment, main, parse
 from flows.local_api import DEFAULT_STARTUP_TIMEOUT, startup_timeout
-from flows.params import SearchParams, option
+from flows.params import SearchParams
+from tasks.errors import option_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def test_help_lists_every_parameter_with_its_description(
     assert main(["run", "--help"]) == 0
     out = capsys.readouterr().out
     for name, field in SearchParams.model_fields.items():
-        assert f"{option(name)} " in out, name
+        assert f"{option_name(name)} " in out, name
         assert field.description and field.description in out, name
     assert "--traceback" in out
     assert re.search(r"(?<![-\w])-k\b", out) is None  # every option is long, as documented

@@ -32,7 +32,7 @@ from tasks.cluster import (
 )
 from tasks.errors import ImageSearchError
 from tasks.features.content import EmbeddingStore
-from tasks.features.embed import ModelSpec, forward_factory
+from tasks.features.embed import forward_factory
 from tasks.sources.collection import (
     Item,
     LabelledStl10,
@@ -41,6 +41,7 @@ from tasks.sources.collection import (
     reopen,
 )
 from tasks.sources.sample import make_sample_images, to_stl10_bytes
+from tasks.types import ModelSpec
 from tests.conftest import pattern_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]

@@ -22,9 +22,9 @@ from tasks.compare import (
     exact_distances_from,
     tie_rows,
 )
-from tasks.features.embed import Features
 from tasks.search.backends import SearchRun
-from tasks.storage import DataRef, RunFolder
+from tasks.storage import RunFolder
+from tasks.types import DataRef, Features
 
 QIDS = np.array([10, 11, 12], dtype=np.int64)
 REF_D = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 2.0], [0.5, 0.5, 4.0]], dtype=np.float32)

@@ -13,7 +13,7 @@ import pytest
 from tasks.errors import ImageSearchError
 from tasks.sources.sample import to_stl10_bytes
 from tasks.sources.stl10 import IMAGE_BYTES, read_all_images, release_pages, with_limit
-from tasks.storage import DataRef
+from tasks.types import DataRef
 
 
 def test_nhwc_orientation_from_an_asymmetric_pattern(tmp_path: Path) -> None:

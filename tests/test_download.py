@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tasks.errors import ImageSearchError, TransientNetworkError
+from tasks.errors import ImageSearchError, TransientNetworkError, option_name
 from tasks.sources.archive import extract_members
 from tasks.sources.cache import default_data_dir
 from tasks.sources.fetch import download_file
 from tasks.sources.resolve import download_and_extract, download_task, is_transient
 from tasks.sources.stl10 import IMAGE_BYTES, OFFICIAL, OFFICIAL_URL, Checksums, read_all_images
-from tasks.storage import DataRef
+from tasks.types import DataRef
 from tests.conftest import FakeStl10, MisbehavingServer, make_tarball
 
 TAR = "/stl10/stl10_binary.tar.gz"
@@ -270,7 +270,7 @@ def test_offline_error_names_url_cache_path_and_sample(
     url = f"http://127.0.0.1:{port}/stl10_binary.tar.gz"
     with pytest.raises(TransientNetworkError) as info:  # refused: the task tries again later
         download_and_extract(url, tmp_path)
-    text = str(info.value)
+    text = info.value.worded(option_name)
     assert url in text
     assert str(tmp_path / "stl10_binary.tar.gz") in text
     assert "--source sample" in text

@@ -17,10 +17,9 @@ import pytest
 
 import tasks.catalog as catalog_mod
 import tasks.features.embed as embed_mod
-from tasks.catalog import CatalogRef
-from tasks.errors import ImageSearchError
+from tasks.errors import ImageSearchError, option_name
 from tasks.features.content import EmbeddingStore
-from tasks.features.embed import ModelSpec, assemble_features, catalog_collection
+from tasks.features.embed import assemble_features, catalog_collection
 from tasks.features.model import (
     DIM,
     build_model,
@@ -31,8 +30,9 @@ from tasks.features.model import (
 from tasks.features.store import load_features, read_metadata
 from tasks.sources.collection import Stl10Collection
 from tasks.sources.sample import to_stl10_bytes
-from tasks.split import SplitRef, split_dataset
+from tasks.split import split_dataset
 from tasks.storage import RunFolder
+from tasks.types import CatalogRef, ModelSpec, SplitRef
 from tests.conftest import pattern_images
 
 SPEC = ModelSpec("none", seed=0, precision="float32", input_size=96)
@@ -201,7 +201,7 @@ def test_a_killed_catalog_pass_resumes_without_embedding_a_part_twice(
 def test_imagenet_weights_missing_says_where_to_put_them() -> None:
     with pytest.raises(ImageSearchError) as info:
         build_model("imagenet")
-    text = str(info.value)
+    text = info.value.worded(option_name)
     assert str(keras_weights_path()) in text
     assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in text
     assert "--weights none" in text

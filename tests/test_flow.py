@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.image_search import image_search
-from flows.params import DEFAULTS, SearchParams, cli_names
-from tasks.errors import ImageSearchError
+from flows.params import DEFAULTS, SearchParams
+from tasks.errors import ImageSearchError, option_name
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -22,6 +22,7 @@ EXPECTED = {
     "catalog.parquet",
     "errors.parquet",
     "duplicates.parquet",
+    "duplicates.png",
     "samples.png",
     "split.parquet",
     "features",
@@ -126,10 +127,13 @@ def test_user_error_ends_the_run_failed_with_the_message_alone(tmp_path: Path) -
 
 
 def test_command_line_runs_name_options(tmp_path: Path) -> None:
+    """The run's record names form fields; the error it hands back still knows its settings,
+    so the command line words them as options."""
     missing = tmp_path / "missing"
-    with cli_names():
-        state = image_search(source=str(missing), out=str(tmp_path / "o"), return_state=True)
-    assert state.message is not None and state.message.endswith(", or --source sample.")
+    state = image_search(source=str(missing), out=str(tmp_path / "o"), return_state=True)
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ImageSearchError)
+    assert error.worded(option_name).endswith(", or --source sample.")
 
 
 def test_a_real_bug_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -221,8 +221,9 @@ def test_stl10_sources_are_not_collections(tmp_path: Path) -> None:
 
 
 def test_a_folder_without_images_is_a_clear_error(tmp_path: Path) -> None:
-    from tasks.features.embed import ModelSpec, catalog_collection
+    from tasks.features.embed import catalog_collection
     from tasks.storage import RunFolder
+    from tasks.types import ModelSpec
 
     (tmp_path / "notes.txt").write_text("no photos here")
     with pytest.raises(ImageSearchError, match=r"holds no images \(looked for .jpg"):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from tasks.errors import ImageSearchError
-from tasks.features.embed import Features
 from tasks.features.store import table, write_part
 from tasks.search.backends import (
     BACKENDS,
@@ -20,7 +19,8 @@ from tasks.search.backends import (
     validate_k,
 )
 from tasks.search.knn import load_neighbors, search_features
-from tasks.storage import DataRef, RunFolder
+from tasks.storage import RunFolder
+from tasks.types import DataRef, Features
 
 
 def reference(index: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks.features.embed import ModelSpec, catalog_collection
+from tasks.features.embed import catalog_collection
 from tasks.sources.collection import FolderCollection, is_collection_source, open_collection
 from tasks.storage import RunFolder
+from tasks.types import ModelSpec
 
 
 def _free_port() -> int:

@@ -11,14 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from flows.image_search import image_search
-from flows.params import (
-    DEFAULTS,
-    SearchParams,
-    cli_names,
-    for_reader,
-    format_validation_error,
-    overlap_message,
-)
+from flows.params import DEFAULTS, SearchParams, format_validation_error, overlap_message
+from tasks.errors import ImageSearchError, option_name, param, worded
 
 
 def _without(prop: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -49,7 +43,7 @@ def test_none_words_mean_the_default_for_optional_parameters(word: str) -> None:
 
 def test_none_is_a_value_of_weights() -> None:
     assert SearchParams(weights="none").weights == "none"
-    with pytest.raises(ValidationError, match="--weights must be 'imagenet', 'none' or a path"):
+    with pytest.raises(ValidationError, match="weights\\x00 must be 'imagenet', 'none' or a path"):
         SearchParams(weights="  ")
 
 
@@ -69,7 +63,8 @@ def test_backends_are_deduplicated_in_order() -> None:
 def test_overlapping_folders(tmp_path: Path, out: str, data: str, how: str) -> None:
     a, b = tmp_path / out, tmp_path / data
     message = overlap_message(a, b)
-    assert message == (
+    assert message is not None
+    assert worded(message, option_name) == (
         f"The output folder {a.resolve()} (--out) {how} the data cache {b.resolve()} "
         f"(--data-dir); choose two separate folders."
     )
@@ -89,27 +84,27 @@ def test_separate_folders_pass(tmp_path: Path, out: str, data: str) -> None:
     assert SearchParams(out=str(tmp_path / out), data_dir=str(tmp_path / data)).data_dir
 
 
-def test_messages_name_form_fields_outside_the_command_line() -> None:
-    text = "lower --k, use --limit 10 or a larger --split-ratio; --out-dir and --ks are not ours."
-    assert for_reader(text) == (
-        "lower k, use limit 10 or a larger split_ratio; --out-dir and --ks are not ours."
-    )
-    with cli_names():
-        assert for_reader(text) == text
-    assert for_reader(text) != text  # the block ended
+def test_messages_name_settings_as_each_reader_knows_them() -> None:
+    """The work names settings; the command line words them as options, everyone else as form
+    fields; what a message quotes (a path with dashes and braces) is never taken for one."""
+    text = f"lower {param('k')}, use {param('split_ratio')} 0.5 for /data/--out-{{k}}/x"
+    assert worded(text) == "lower k, use split_ratio 0.5 for /data/--out-{k}/x"
+    assert worded(text, option_name) == "lower --k, use --split-ratio 0.5 for /data/--out-{k}/x"
+    exc = ImageSearchError(text)
+    assert str(exc) == worded(text)
+    assert exc.worded(option_name) == worded(text, option_name)
 
 
 def test_validation_errors_name_each_parameter_and_value() -> None:
     with pytest.raises(ValidationError) as caught:
         SearchParams(k="0", backends=["numpy", "annoy"], source="")
-    with cli_names():
-        assert format_validation_error(caught.value) == (
-            "invalid parameters:\n"
-            "  --source = '': String should have at least 1 character\n"
-            "  --backends = annoy: Input should be "
-            "'cuml', 'sklearn', 'faiss', 'numpy' or 'certified'\n"
-            "  --k = 0: Input should be greater than or equal to 1"
-        )
-    assert format_validation_error(caught.value).splitlines()[-1] == (
+    assert worded(format_validation_error(caught.value), option_name) == (
+        "invalid parameters:\n"
+        "  --source = '': String should have at least 1 character\n"
+        "  --backends = annoy: Input should be "
+        "'cuml', 'sklearn', 'faiss', 'numpy' or 'certified'\n"
+        "  --k = 0: Input should be greater than or equal to 1"
+    )
+    assert worded(format_validation_error(caught.value)).splitlines()[-1] == (
         "  k = 0: Input should be greater than or equal to 1"
     )

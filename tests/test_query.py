@@ -20,8 +20,8 @@ import tasks.query
 from flows.cli import main
 from tasks.errors import ImageSearchError
 from tasks.features import store
+from tasks.layout import INDEX_FEATURES as FEATURES
 from tasks.query import (
-    FEATURES,
     Index,
     answer_rows,
     ask,
@@ -61,10 +61,11 @@ def build_index(images: Path, out: Path, random_resnet: Any) -> None:
     """An index of the images in ``images`` in ``out``, built by the batch run's own stages,
     with the session's random ResNet50."""
     import tasks.features.embed
-    from tasks.features.embed import ModelSpec, assemble_features, catalog_collection
+    from tasks.features.embed import assemble_features, catalog_collection
     from tasks.sources.collection import open_collection
     from tasks.split import split_dataset
     from tasks.storage import RunFolder
+    from tasks.types import ModelSpec
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tasks.features.embed, "build_model", lambda *a, **kw: random_resnet)

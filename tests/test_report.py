@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 
 from tasks.compare import Agreement, BackendResult, Comparison
-from tasks.features.embed import Features
 from tasks.report import artifact_key
 from tasks.report.report import backend_table, summary_markdown
-from tasks.storage import DataRef
+from tasks.types import DataRef, Features
 
 
 def _comparison(faiss_error: float = 2.636845536585497e-06) -> Comparison:

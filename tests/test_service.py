@@ -29,7 +29,7 @@ from PIL import Image
 
 from service.app import Limits, create_app
 from service.engine import Engine
-from tasks.query import FEATURES
+from tasks.layout import INDEX_FEATURES as FEATURES
 from tests.test_query import (
     SELF,
     Built,

@@ -21,7 +21,6 @@ from tasks.cluster import (
 )
 from tasks.errors import ImageSearchError
 from tasks.features import store
-from tasks.features.embed import Features
 from tasks.features.model import DIM
 from tasks.search.exact import exact_knn
 from tasks.search.knn import load_neighbors, search_features
@@ -32,7 +31,8 @@ from tasks.search.shards import (
     search_shard,
     search_sharded_local,
 )
-from tasks.storage import DataRef, RunFolder
+from tasks.storage import RunFolder
+from tasks.types import DataRef, Features
 
 N_INDEX, N_QUERY, GROUP, K = 3000, 96, 250, 5
 

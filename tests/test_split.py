@@ -12,7 +12,8 @@ import pytest
 
 from tasks.errors import ImageSearchError
 from tasks.split import read_split, split_dataset, split_ids
-from tasks.storage import DataRef, RunFolder
+from tasks.storage import RunFolder
+from tasks.types import DataRef
 
 
 def test_same_seed_same_split_and_ratio() -> None:

@@ -10,20 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.storage import (
-    JOURNAL,
-    STATE_DIR,
-    TEMP_PREFIX,
-    RunFolder,
-    atomic_path,
-    code_version,
-    overlapping,
-    sampled_fingerprint,
-)
+from tasks.layout import JOURNAL, STATE_DIR, TEMP_PREFIX, StageLayout
+from tasks.storage import RunFolder, atomic_path, code_version, overlapping, sampled_fingerprint
 
 
 def _write_stage(run: RunFolder, name: str, key: list[object], files: dict[str, bytes]) -> None:
-    stage = run.stage(name, key, list(files), code=["tasks.storage"])
+    stage = run.stage(StageLayout(name, tuple(files)), key, code=["tasks.storage"])
     assert stage.done() is None
     for rel, data in files.items():
         path = stage.path(rel)
@@ -36,16 +28,19 @@ def test_a_stage_is_done_only_for_its_key_and_intact_outputs(tmp_path: Path) -> 
     run = RunFolder(tmp_path)
     _write_stage(run, "a", [1], {"a.txt": b"one", "sub/b.txt": b"two"})
     assert not (tmp_path / "a.txt").exists()  # staged, not yet in place
-    stage = run.stage("a", [1], ["a.txt", "sub/b.txt"], code=["tasks.storage"])
+    stage = run.stage(StageLayout("a", ("a.txt", "sub/b.txt")), [1], code=["tasks.storage"])
     assert stage.done() == {"note": "a"} and stage.path("a.txt") == run.staging / "a.txt"
     assert run.commit(["a", "never-ran"]) == ["a"]
     assert (tmp_path / "a.txt").read_bytes() == b"one"
     assert (tmp_path / "sub" / "b.txt").read_bytes() == b"two"
-    done = run.stage("a", [1], ["a.txt", "sub/b.txt"], code=["tasks.storage"])
+    done = run.stage(StageLayout("a", ("a.txt", "sub/b.txt")), [1], code=["tasks.storage"])
     assert done.done() is not None and done.path("a.txt") == tmp_path / "a.txt"
     # Another key, another output list: not done.
-    assert run.stage("a", [2], ["a.txt", "sub/b.txt"], code=["tasks.storage"]).done() is None
-    assert run.stage("a", [1], ["a.txt"], code=["tasks.storage"]).done() is None
+    assert (
+        run.stage(StageLayout("a", ("a.txt", "sub/b.txt")), [2], code=["tasks.storage"]).done()
+        is None
+    )
+    assert run.stage(StageLayout("a", ("a.txt",)), [1], code=["tasks.storage"]).done() is None
     # The same size and mtime but other bytes: the mtime check alone would miss it.
     path = tmp_path / "a.txt"
     st = path.stat()
@@ -53,9 +48,15 @@ def test_a_stage_is_done_only_for_its_key_and_intact_outputs(tmp_path: Path) -> 
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert done.done() is not None  # size and mtime match: trusted without re-reading ...
     path.write_bytes(b"xyz!")  # ... but any change of size or mtime re-reads and compares
-    assert run.stage("a", [1], ["a.txt", "sub/b.txt"], code=["tasks.storage"]).done() is None
+    assert (
+        run.stage(StageLayout("a", ("a.txt", "sub/b.txt")), [1], code=["tasks.storage"]).done()
+        is None
+    )
     path.unlink()
-    assert run.stage("a", [1], ["a.txt", "sub/b.txt"], code=["tasks.storage"]).done() is None
+    assert (
+        run.stage(StageLayout("a", ("a.txt", "sub/b.txt")), [1], code=["tasks.storage"]).done()
+        is None
+    )
 
 
 def test_an_empty_or_altered_output_is_noticed(tmp_path: Path) -> None:
@@ -63,13 +64,15 @@ def test_an_empty_or_altered_output_is_noticed(tmp_path: Path) -> None:
     _write_stage(run, "c", [1], {"compare.json": b'{"passed": true}'})
     run.commit(["c"])
     (tmp_path / "compare.json").write_bytes(b"")
-    assert run.stage("c", [1], ["compare.json"], code=["tasks.storage"]).done() is None
+    assert (
+        run.stage(StageLayout("c", ("compare.json",)), [1], code=["tasks.storage"]).done() is None
+    )
 
 
 def test_the_key_covers_the_code(tmp_path: Path) -> None:
     run = RunFolder(tmp_path)
-    a = run.stage("s", [1], ["x"], code=["tasks.storage"])
-    b = run.stage("s", [1], ["x"], code=["tasks.split"])
+    a = run.stage(StageLayout("s", ("x",)), [1], code=["tasks.storage"])
+    b = run.stage(StageLayout("s", ("x",)), [1], code=["tasks.split"])
     assert a.key != b.key  # a change to the stage's module would change its key too
     assert code_version("tasks.search") != code_version("tasks.search.exact")  # package: all
 
@@ -81,7 +84,7 @@ def test_a_copied_folder_answers_from_its_own_files(tmp_path: Path) -> None:
     shutil.copytree(first.out, tmp_path / "copy")
     shutil.rmtree(first.out)
     copy = RunFolder(tmp_path / "copy")
-    stage = copy.stage("k", [1], [".knn/x.npz"], code=["tasks.storage"])
+    stage = copy.stage(StageLayout("k", (".knn/x.npz",)), [1], code=["tasks.storage"])
     assert stage.done() is not None
     assert stage.path(".knn/x.npz") == tmp_path / "copy" / ".knn" / "x.npz"
     record = (copy.out / STATE_DIR / "k.json").read_text()
@@ -104,7 +107,7 @@ def test_a_switch_interrupted_halfway_is_finished_by_the_next_run(tmp_path: Path
     assert not (run.staging / JOURNAL).exists()
     for name in ("split", "embed"):
         key = json.loads((tmp_path / STATE_DIR / f"{name}.json").read_text())["key"]
-        assert key == run.stage(name, [2], [], code=["tasks.storage"]).key
+        assert key == run.stage(StageLayout(name, ()), [2], code=["tasks.storage"]).key
 
 
 def test_a_stale_staged_stage_is_never_switched_in(tmp_path: Path) -> None:
@@ -112,7 +115,7 @@ def test_a_stale_staged_stage_is_never_switched_in(tmp_path: Path) -> None:
     _write_stage(run, "split", [1], {"split.parquet": b"kept"})
     run.commit(["split"])
     _write_stage(run, "split", [2], {"split.parquet": b"abandoned run"})  # never committed
-    stage = run.stage("split", [1], ["split.parquet"], code=["tasks.storage"])
+    stage = run.stage(StageLayout("split", ("split.parquet",)), [1], code=["tasks.storage"])
     assert stage.done() is not None  # this run wants key 1, which is in place
     assert run.commit(["split"]) == []
     assert (tmp_path / "split.parquet").read_bytes() == b"kept"

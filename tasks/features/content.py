@@ -23,11 +23,11 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.features.model import DIM
-from tasks.storage import EMBEDDINGS_DIR, atomic_path, code_version, fingerprint, write_json_atomic
+from tasks.layout import EMBEDDINGS_DIR
+from tasks.storage import atomic_path, code_version, fingerprint, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-STORE_DIR = EMBEDDINGS_DIR
 MODEL_FILE = "model.json"
 SCHEMA = pa.schema(
     [
@@ -50,7 +50,7 @@ class EmbeddingStore:
     """The embeddings of one model identity, keyed by content hash (32-byte SHA-256 digests)."""
 
     def __init__(self, out: Path, key: str) -> None:
-        self.folder = out / STORE_DIR / key
+        self.folder = out / EMBEDDINGS_DIR / key
         self.key = key
         self._index: dict[bytes, tuple[int, int]] | None = None
         self._views: list[np.ndarray] = []  # (rows, 2048) float32 views of memory-mapped parts

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,6 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.catalog import (
-    CATALOG_FILE,
-    ERRORS_FILE,
-    CatalogRef,
     Outcome,
     build_catalog,
     digests_of,
@@ -34,60 +30,35 @@ from tasks.catalog import (
     write_catalog,
     write_errors,
 )
-from tasks.errors import ImageSearchError
+from tasks.errors import ImageSearchError, param
 from tasks.features import store
-from tasks.features.content import EmbeddingStore, model_key
+from tasks.features.content import EmbeddingStore
 from tasks.features.model import (
     DIM,
     MIN_INPUT_SIZE,
     build_model,
     configure_gpu_memory,
     make_forward,
-    weights_identity,
 )
+from tasks.layout import CATALOG, CATALOG_FILE, EMBED, ERRORS_FILE, INDEX_FEATURES, QUERY_FEATURES
 from tasks.report import artifact_key
 from tasks.sources.collection import Collection, FolderCollection, Item, reopen
-from tasks.split import SplitRef, read_split
-from tasks.storage import DataRef, RunFolder
+from tasks.split import read_split
+from tasks.storage import RunFolder
+from tasks.types import CatalogRef, DataRef, Features, ModelSpec, SplitRef
 
 log = logging.getLogger(__name__)
 
-FEATURES_DIR = "features"
-OUTPUTS = {"index": f"{FEATURES_DIR}/index.parquet", "query": f"{FEATURES_DIR}/query.parquet"}
+OUTPUTS = {"index": INDEX_FEATURES, "query": QUERY_FEATURES}
 MAX_INPUT_SIZE = 1024
-
-
-@dataclass(frozen=True)
-class Features:
-    """References to both feature files and what produced them."""
-
-    index: DataRef
-    query: DataRef
-    model: dict[str, Any]
-    device: str
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What decides an embedding: weights, seed (random weights), arithmetic, input size."""
-
-    weights: str
-    seed: int = 0
-    precision: str = "float32"
-    input_size: int = 96
-    gpu_memory_fraction: float | None = None
-
-    def key(self) -> str:
-        """The embedding store's key for this model (weights by content)."""
-        return model_key(weights_identity(self.weights), self.seed, self.precision, self.input_size)
 
 
 def check_input_size(size: int) -> int:
     """The model input size, checked: ResNet50 needs at least 32 pixels."""
     if not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE:
         raise ImageSearchError(
-            f"input_size = {size}; use {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE} pixels (96 matches "
-            f"STL-10, 224 suits photos)."
+            f"{param('input_size')} = {size}; use {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE} pixels "
+            f"(96 matches STL-10, 224 suits photos)."
         )
     return size
 
@@ -133,14 +104,14 @@ def catalog_collection(
     if not items:
         raise ImageSearchError(
             f"Source {collection.source!r} holds no images (looked for "
-            f".jpg .jpeg .png .webp .gif .bmp .tif .tiff files); point --source at your images."
+            f".jpg .jpeg .png .webp .gif .bmp .tif .tiff files); point {param('source')} at your "
+            f"images."
         )
     key = spec.key()
     content = EmbeddingStore(run.out, key)
     stage = run.stage(
-        "catalog",
+        CATALOG,
         [collection.describe(), listing_fingerprint(items), key],
-        [CATALOG_FILE, ERRORS_FILE],
         code=["tasks.catalog", "tasks.sources.collection", "tasks.features.content"],
     )
     done = stage.done()
@@ -231,9 +202,8 @@ def assemble_features(
     embedding store, unless a run already made them from the same catalog, split and model."""
     key = spec.key()
     stage = run.stage(
-        "embed",
+        EMBED,
         [catalog.fingerprint, split.fingerprint, key],
-        list(OUTPUTS.values()),
         code=["tasks.features"],
     )
     device = "cached"

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.errors import ImageSearchError
+from tasks.errors import ImageSearchError, param
 from tasks.storage import file_digest
 
 DIM = 2048
@@ -128,14 +128,14 @@ def weights_path(weights: str) -> Path | None:
             raise ImageSearchError(
                 f"ImageNet weights for ResNet50 are not in the Keras cache and cannot be "
                 f"downloaded here. Fetch {WEIGHTS_URL} and put it at {cached} (or pass its path "
-                f"as --weights); use --weights none for random weights."
+                f"as {param('weights')}); use {param('weights')} none for random weights."
             )
         return cached
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ImageSearchError(
-            f"weights = {weights!r}: no such file. Use 'imagenet', 'none', or the path of a "
-            f"ResNet50 notop weights file ({WEIGHTS_FILE})."
+            f"{param('weights')} = {weights!r}: no such file. Use 'imagenet', 'none', or the path "
+            f"of a ResNet50 notop weights file ({WEIGHTS_FILE})."
         )
     return path
 

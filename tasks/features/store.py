@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.errors import ImageSearchError
+from tasks.errors import ImageSearchError, param
 from tasks.features.model import DIM
 from tasks.storage import atomic_path
 
@@ -66,7 +66,7 @@ def refuse_foreign(path: Path) -> None:
     if META_KEY not in meta:
         raise ImageSearchError(
             f"{path} exists but was not written by image-search (no image_search metadata); "
-            f"move it away or choose another --out."
+            f"move it away or choose another {param('out')}."
         )
 
 

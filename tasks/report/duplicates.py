@@ -22,7 +22,6 @@ from tasks.report.pictures import image_grid
 from tasks.search.exact import prepare_index, search_prepared
 from tasks.storage import atomic_path
 
-DUPLICATES_FILE = "duplicates.parquet"
 MAX_GALLERY_PAIRS = 12
 GALLERY_SIDE = 96  # image_grid's tile size
 META_KEY = b"image_search.duplicates"

@@ -13,12 +13,11 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.catalog import Catalog, CatalogRef, load_pixels, read_catalog
-from tasks.features.embed import Features
+from tasks.catalog import Catalog, load_pixels, read_catalog
 from tasks.features.store import load_features
+from tasks.layout import DUPLICATES_FILE, EVALUATE, GALLERY_FILE, QUALITY_FILE
 from tasks.report import artifact_key
 from tasks.report.duplicates import (
-    DUPLICATES_FILE,
     MAX_GALLERY_PAIRS,
     Duplicates,
     duplicates_gallery,
@@ -28,7 +27,6 @@ from tasks.report.duplicates import (
 from tasks.report.pictures import markdown_image, save_png
 from tasks.report.quality import (
     MAP_AT,
-    QUALITY_FILE,
     Quality,
     labels_of,
     quality_markdown,
@@ -37,10 +35,9 @@ from tasks.report.quality import (
 )
 from tasks.search.exact import prepare_index, search_prepared
 from tasks.storage import RunFolder
+from tasks.types import CatalogRef, Features
 
 log = logging.getLogger(__name__)
-
-GALLERY_FILE = "duplicates.png"
 
 
 def evaluate_quality(
@@ -75,9 +72,8 @@ def evaluate(
     """
     outputs = [DUPLICATES_FILE, GALLERY_FILE] + ([QUALITY_FILE] if catalog.labelled else [])
     stage = run.stage(
-        "evaluate",
+        EVALUATE.with_outputs(outputs),
         [catalog.fingerprint, features.index.fingerprint, features.query.fingerprint],
-        outputs,
         code=[__name__, "tasks.report.quality", "tasks.report.duplicates"],
     )
     done = stage.done()

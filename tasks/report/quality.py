@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.storage import write_json_atomic
 
-QUALITY_FILE = "quality.json"
 KS = (1, 3, 10)
 MAP_AT = 10
 

@@ -13,23 +13,15 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.catalog import (
-    ERRORS_FILE,
-    CatalogRef,
-    first_errors,
-    load_pixels,
-    read_catalog,
-    read_errors,
-)
+from tasks.catalog import first_errors, load_pixels, read_catalog, read_errors
 from tasks.compare import Comparison
-from tasks.features.embed import Features
+from tasks.layout import ERRORS_FILE, RESULTS, RESULTS_FILE
 from tasks.report import artifact_key
 from tasks.report.pictures import image_grid, markdown_image, save_png
 from tasks.search.backends import REFERENCE, SearchRun
 from tasks.search.knn import load_neighbors
-from tasks.storage import DataRef, RunFolder
-
-RESULTS_FILE = "results.png"
+from tasks.storage import RunFolder
+from tasks.types import CatalogRef, DataRef, Features
 
 
 def _sig(x: float | None, digits: int = 3) -> float | None:
@@ -159,9 +151,8 @@ def make_report(
     shown = next((r for r in runs if r.available and r.backend != REFERENCE), None)
     shown = shown or next(r for r in runs if r.backend == REFERENCE)
     stage = run.stage(
-        "results",
+        RESULTS,
         [shown.model_dump(exclude={"path"}), catalog.fingerprint, n_results, seed],
-        [RESULTS_FILE],
         code=[__name__, "tasks.report.pictures"],
     )
     cat = read_catalog(Path(catalog.uri))

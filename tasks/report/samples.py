@@ -11,18 +11,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.catalog import load_pixels, read_catalog
+from tasks.layout import SAMPLES, SAMPLES_FILE
 from tasks.report import artifact_key
 from tasks.report.pictures import image_grid, markdown_image, save_png
-from tasks.storage import DataRef, RunFolder
-
-SAMPLES_FILE = "samples.png"
+from tasks.storage import RunFolder
+from tasks.types import DataRef
 
 
 def show_samples(catalog: DataRef, run: RunFolder, n_show: int, seed: int) -> Path:
     """Write ``samples.png``: ``n_show`` random images of the catalog, titled with their ids."""
-    stage = run.stage(
-        "samples", [catalog.fingerprint, catalog.rows, n_show, seed], [SAMPLES_FILE], [__name__]
-    )
+    stage = run.stage(SAMPLES, [catalog.fingerprint, catalog.rows, n_show, seed], code=[__name__])
     if stage.done() is not None:
         return stage.path(SAMPLES_FILE)
     path = stage.path(SAMPLES_FILE)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel
 
-from tasks.errors import ImageSearchError
+from tasks.errors import ImageSearchError, param
 from tasks.features.store import load_features
 from tasks.hardware import cpu_count
 from tasks.search.exact import prepare_index, search_prepared
@@ -44,7 +44,7 @@ def to_euclidean(squared: Any) -> Any:
 def validate_k(k: int, n_index: int) -> None:
     """scikit-learn's wording: the exact numbers and the fix."""
     if k < 1:
-        raise ImageSearchError(f"k = {k}; it must be at least 1.")
+        raise ImageSearchError(f"{param('k')} = {k}; it must be at least 1.")
     if k > n_index:
         raise ImageSearchError(
             f"Expected k <= n_index, but n_index = {n_index}, k = {k}; lower k or use more "

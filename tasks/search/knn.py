@@ -10,16 +10,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import ImageSearchError
-from tasks.features.embed import Features
 from tasks.hardware import cpu_count
+from tasks.layout import knn_stage
 from tasks.search.backends import SearchRun, make_backend, run_backend
 from tasks.storage import RunFolder
-
-KNN_DIR = ".knn"
-
-
-def stage_name(backend: str) -> str:
-    return f"knn-{backend}"
+from tasks.types import Features
 
 
 def load_neighbors(run: SearchRun, out: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -47,11 +42,11 @@ def search_features(features: Features, run: RunFolder, backend_name: str, k: in
         return SearchRun(
             backend=backend.name, device=backend.device, available=False, reason=reason
         )
-    rel = f"{KNN_DIR}/{backend_name}.npz"
+    layout = knn_stage(backend_name)
+    (rel,) = layout.outputs
     stage = run.stage(
-        stage_name(backend_name),
+        layout,
         [features.index.fingerprint, features.query.fingerprint, backend_name, k],
-        [rel],
         code=["tasks.search"],
     )
     done = stage.done()

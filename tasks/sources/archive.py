@@ -9,7 +9,7 @@ import tarfile
 from pathlib import Path, PurePosixPath
 
 from tasks.errors import ImageSearchError
-from tasks.storage import TEMP_PREFIX
+from tasks.layout import TEMP_PREFIX
 
 CHUNK = 1 << 20
 

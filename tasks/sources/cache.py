@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.errors import ImageSearchError
+from tasks.errors import ImageSearchError, param
 from tasks.storage import (
     file_digest,
     folder_lock,
@@ -62,10 +62,10 @@ def verify_file(path: Path, md5: str | None, data_dir: Path) -> str:
     if md5 is not None and digest != md5:
         hint = (
             "If it is your own file in the STL-10 binary format, pass the .bin file itself as "
-            "--source."
+            f"{param('source')}."
             if path.suffix == ".bin"
             else "It is corrupt, truncated or not STL-10: fetch it again, or extract your own "
-            "archive and pass its unlabeled_X.bin as --source."
+            f"archive and pass its unlabeled_X.bin as {param('source')}."
         )
         raise ImageSearchError(
             f"{path} has MD5 {digest}, expected {md5} (the official STL-10 {path.name}). {hint}"

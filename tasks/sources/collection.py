@@ -27,9 +27,9 @@ import numpy as np
 
 from tasks.errors import ImageSearchError
 from tasks.hardware import cpu_count
+from tasks.layout import TEMP_PREFIX
 from tasks.sources.images import BadImage, Decoded, decode_image, encode_png, fit, open_image
 from tasks.sources.stl10 import IMAGE_BYTES, check_limit, read_all_images, release_pages
-from tasks.storage import TEMP_PREFIX
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")

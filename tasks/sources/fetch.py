@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from tasks.errors import ImageSearchError, TransientNetworkError
+from tasks.errors import ImageSearchError, TransientNetworkError, param
 from tasks.storage import file_digest, is_out_of_space, out_of_space_error
 
 CHUNK = 1 << 20
@@ -23,7 +23,8 @@ def offline_hint(url: str, dest: Path) -> str:
     """What to do when ``url`` cannot be had: where to put the file by hand."""
     return (
         f"If this machine is offline, fetch {url} elsewhere and put it at {dest} "
-        f"(or pass the tarball's path as --source); for offline development use --source sample."
+        f"(or pass the tarball's path as {param('source')}); for offline development use "
+        f"{param('source')} sample."
     )
 
 

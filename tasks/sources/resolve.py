@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 from prefect.tasks import exponential_backoff
 
-from tasks.errors import ImageSearchError, TransientNetworkError
+from tasks.errors import ImageSearchError, TransientNetworkError, param
 from tasks.sources.archive import extract_members
 from tasks.sources.cache import data_lock, default_data_dir, verify_file
 from tasks.sources.fetch import download_file
@@ -37,7 +37,8 @@ from tasks.sources.stl10 import (
     Checksums,
     dataset_ref,
 )
-from tasks.storage import DataRef, sampled_fingerprint
+from tasks.storage import sampled_fingerprint
+from tasks.types import DataRef
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def download_and_extract(
     raise ImageSearchError(
         f"Source {source!r} is neither a URL, an existing file or folder, nor 'sample'. "
         f"Use a folder, archive or .parquet/.csv list of your images, {OFFICIAL_URL}, a path "
-        f"to {TARBALL_NAME}, a folder with {UNLABELED}, or --source sample."
+        f"to {TARBALL_NAME}, a folder with {UNLABELED}, or {param('source')} sample."
     )
 
 
@@ -98,7 +99,7 @@ def _cached(data_dir: Path, checksums: Checksums) -> DataRef | None:
 def _read_only(data_dir: Path) -> ImageSearchError:
     return ImageSearchError(
         f"Data cache {str(data_dir)!r} is read-only and holds no verified {UNLABELED}; put "
-        f"the verified files there or choose a writable --data-dir."
+        f"the verified files there or choose a writable {param('data_dir')}."
     )
 
 
@@ -158,8 +159,8 @@ def _from_folder(folder: Path, data_dir: Path, checksums: Checksums) -> DataRef:
     if tarball.is_file():
         return _from_tarball(tarball, data_dir, checksums)
     raise ImageSearchError(
-        f"Folder {folder} holds neither {UNLABELED} nor {TARBALL_NAME}; point --source at the "
-        f"folder that does."
+        f"Folder {folder} holds neither {UNLABELED} nor {TARBALL_NAME}; point {param('source')} at "
+        f"the folder that does."
     )
 
 
@@ -173,7 +174,8 @@ def labelled_folder(
     if missing:
         raise ImageSearchError(
             f"Folder {folder} lacks {', '.join(missing)}: the labelled sets come in the STL-10 "
-            f"tarball (stl10_binary/); point --source at the tarball, its URL or the folder "
+            f"tarball (stl10_binary/); point {param('source')} at the tarball, its URL or the "
+            f"folder "
             f"holding train_X.bin, train_y.bin, test_X.bin and test_y.bin."
         )
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.errors import ImageSearchError
+from tasks.errors import ImageSearchError, param
 from tasks.sources.cache import data_lock
 from tasks.sources.stl10 import IMAGE_BYTES
-from tasks.storage import DataRef, atomic_path, file_digest
+from tasks.storage import atomic_path, file_digest
+from tasks.types import DataRef
 
 SAMPLE_IMAGES = 2000
 SAMPLE_VERSION = "v1"
@@ -74,7 +75,7 @@ def ensure_sample(data_dir: Path, n: int = SAMPLE_IMAGES) -> DataRef:
             if not writable:
                 raise ImageSearchError(
                     f"Data cache {str(data_dir)!r} is read-only and holds no sample; choose a "
-                    f"writable --data-dir."
+                    f"writable {param('data_dir')}."
                 )
             with atomic_path(target) as tmp:
                 tmp.write_bytes(to_stl10_bytes(make_sample_images(n)))
@@ -120,7 +121,7 @@ def ensure_labelled_sample(data_dir: Path) -> Path:
             if not writable:
                 raise ImageSearchError(
                     f"Data cache {str(data_dir)!r} is read-only and holds no labelled sample; "
-                    f"choose a writable --data-dir."
+                    f"choose a writable {param('data_dir')}."
                 )
             for name, n, seed in (("train", LABELLED_TRAIN, 1), ("test", LABELLED_TEST, 2)):
                 images, labels, names = make_labelled_sample(n, seed)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.errors import ImageSearchError
-from tasks.storage import DataRef, fingerprint
+from tasks.errors import ImageSearchError, param
+from tasks.storage import fingerprint
+from tasks.types import DataRef
 
 OFFICIAL_URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
 TARBALL_NAME = "stl10_binary.tar.gz"
@@ -63,8 +64,9 @@ def count_images(path: Path) -> int:
         raise ImageSearchError(f"Cannot open image file {path}: {exc.strerror or exc}.") from exc
     if size == 0:
         raise ImageSearchError(
-            f"Image file {path} is empty; it holds no STL-10 images. Point --source at the real "
-            f"unlabeled_X.bin (or its tarball), or use --source sample."
+            f"Image file {path} is empty; it holds no STL-10 images. Point {param('source')} at "
+            f"the "
+            f"real unlabeled_X.bin (or its tarball), or use {param('source')} sample."
         )
     if size % IMAGE_BYTES:
         raise ImageSearchError(
@@ -79,10 +81,13 @@ def check_limit(limit: int | None, available: int, what: str) -> int:
     if limit is None:
         return available
     if limit < 1:
-        raise ImageSearchError(f"limit = {limit}; it must be at least 1 (or empty for all).")
+        raise ImageSearchError(
+            f"{param('limit')} = {limit}; it must be at least 1 (or empty for all)."
+        )
     if limit > available:
         raise ImageSearchError(
-            f"limit = {limit:,} but {what} holds only {available:,} images; use a limit of "
+            f"{param('limit')} = {limit:,} but {what} holds only {available:,} images; use a "
+            f"limit of "
             f"{available} or less."
         )
     return limit

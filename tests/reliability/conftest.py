@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tasks.storage import LOCK_FILE, STAGING_DIR, TEMP_PREFIX
+from tasks.layout import LOCK_FILE, STAGING_DIR, TEMP_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
 VERIFIED = ".verified.json"  # the data cache's record of checked files

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
+from tasks.layout import LOCK_FILE
 from tasks.sources.stl10 import IMAGE_BYTES
-from tasks.storage import LOCK_FILE
 from tests.conftest import make_fake_stl10, make_tarball
 from tests.http_server import MisbehavingServer
 from tests.reliability.conftest import (

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
-from tasks.storage import TEMP_PREFIX
+from tasks.layout import TEMP_PREFIX
 from tests.conftest import make_fake_stl10
 from tests.http_server import MisbehavingServer
 from tests.reliability.conftest import Proc, Runner, wait_until
