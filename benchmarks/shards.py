@@ -4,14 +4,14 @@
 2048-d features (``benchmarks.search.make_features``) are written once with the feature store in
 row groups of ``ROWS_PER_PART``; then, per repeat and interleaved, each configuration runs in its
 own child: the ``numpy`` backend in-process (``run_backend``, the flow's clock), and the
-``sharded`` backend (``tasks.cluster.run_sharded``: Prefect's DaskTaskRunner attached to a
+``sharded`` backend (``flows.sharded.run_sharded``: Prefect's DaskTaskRunner attached to a
 ``distributed.LocalCluster`` started beforehand and warmed by one search of tiny files, both
 reported apart) on 1 worker × 2 threads and on 2 workers × 1 thread. Ratios are between
 medians of the same run.
 
 ``--embed`` (or ``python -m benchmarks.run embed-shards``): the catalog pass's embedding of
 10,000 distinct sample crops the same three ways, each into an empty store, each on a fresh
-cluster (``tasks.cluster.run_embed_sharded``, per-shard rates reported for the scale model).
+cluster (``flows.sharded.run_embed_sharded``, per-shard rates reported for the scale model).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def config_child(config: str, folder: str, k: int, tag: str) -> dict[str, Any]:
     from distributed import LocalCluster
     from prefect.testing.utilities import prefect_test_harness
 
-    from tasks.cluster import run_sharded
+    from flows.sharded import run_sharded
 
     n_workers, threads = workers
     with prefect_test_harness(server_startup_timeout=180):
@@ -221,7 +221,7 @@ def embed_config_child(config: str, source: str, out: str, batch_size: int) -> d
     from distributed import LocalCluster
     from prefect.testing.utilities import prefect_test_harness
 
-    from tasks.cluster import run_embed_sharded
+    from flows.sharded import run_embed_sharded
 
     n_workers, threads = workers
     with prefect_test_harness(server_startup_timeout=180):

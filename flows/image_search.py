@@ -1,4 +1,6 @@
-"""The ``image-search`` flow: download → decode → split → embed → KNN backends → compare → report.
+"""The ``image-search`` flow: source → catalog (list, hash, embed what is new) → samples → split
+→ features → KNN backends → compare → evaluate (quality, duplicates) → report, committed as one
+set of outputs.
 
 Wiring only: every stage lives in ``tasks/`` and passes references, never arrays.
 """
@@ -11,6 +13,7 @@ from prefect import flow
 from prefect.states import State
 from pydantic import ValidationError
 
+from flows import sharded
 from flows.params import (
     DEFAULTS,
     Backends,
@@ -37,7 +40,6 @@ from flows.params import (
 from flows.reporting import failed, quiet_user_errors, separate_folders, show_task_logs
 from tasks import layout
 from tasks.catalog import check_error_rate
-from tasks.cluster import search_features_sharded
 from tasks.compare import compare
 from tasks.errors import ImageSearchError, TransientNetworkError
 from tasks.features.embed import catalog, check_input_size, embed
@@ -46,7 +48,7 @@ from tasks.report.evaluate import evaluate_task
 from tasks.report.report import report
 from tasks.report.samples import show
 from tasks.search.backends import choose_backends, validate_k
-from tasks.search.knn import knn
+from tasks.search.knn import knn, search_features
 from tasks.sources.cache import default_data_dir
 from tasks.sources.collection import (
     Collection,
@@ -177,7 +179,10 @@ def _search(params: SearchParams) -> dict[str, str]:
         n_index, _ = check_split(len(collection.items()), params.split_ratio)
         validate_k(params.k, n_index)
         # Every stage writes into the staging area; the outputs in place change only below.
-        catalog_ref = catalog(collection, out, spec, params.batch_size, params.cluster)
+        # Sharded over a Dask cluster when one is set; else in a task of this process.
+        cluster = params.cluster
+        embed_runner = None if cluster is None else sharded.embed_runner(cluster)
+        catalog_ref = catalog(collection, out, spec, params.batch_size, embed_runner)
         try:
             check_error_rate(catalog_ref, params.max_error_rate)
         except ImageSearchError:
@@ -191,8 +196,9 @@ def _search(params: SearchParams) -> dict[str, str]:
         features = embed(catalog_ref, split_ref, out, spec)
         # Backends run one after another: each gets every core, so the timings are honest.
         runs = [knn(features, out, name, params.k) for name in backends]
-        if params.cluster is not None:  # a nested flow on the Dask task runner
-            runs.append(search_features_sharded(features, run, params.k, params.cluster))
+        if cluster is not None:  # one more backend: a nested flow on the Dask task runner
+            searcher, code = sharded.searcher(cluster), sharded.SEARCH_CODE
+            runs.append(search_features(features, run, sharded.SHARDED, params.k, searcher, code))
         summary = compare(runs, features, out, params.tolerance)
         evaluation = evaluate_task(catalog_ref, features, out)
         report(summary, runs, features, catalog_ref, out, params.n_results, params.seed)

@@ -24,6 +24,7 @@ from pydantic import (
 from tasks.errors import param
 from tasks.search.backends import BACKEND_NAMES, BackendName
 from tasks.sources.stl10 import OFFICIAL_URL
+from tasks.storage import overlap
 
 __all__ = [
     "BACKEND_NAMES",
@@ -238,13 +239,8 @@ def overlap_message(out: str | Path, data_dir: str | Path) -> str | None:
     files; one inside the other would make a run wait on itself.
     """
     a, b = (Path(p).expanduser().resolve() for p in (out, data_dir))
-    if a == b:
-        how = "is the same folder as"
-    elif b in a.parents:
-        how = "lies inside"
-    elif a in b.parents:
-        how = "holds"
-    else:
+    how = overlap(a, b)
+    if how is None:
         return None
     return (
         f"The output folder {a} ({param('out')}) {how} the data cache {b} ({param('data_dir')}); "

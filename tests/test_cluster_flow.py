@@ -22,17 +22,12 @@ import pytest
 
 from flows.image_search import image_search
 from flows.params import SearchParams
+from flows.sharded import embed_sharded
 from tasks.catalog import embed_items
-from tasks.cluster import (
-    embed_sharded,
-    plan_item_shards,
-    plan_unit,
-    read_item_plan,
-    write_item_plan,
-)
 from tasks.errors import ImageSearchError
 from tasks.features.content import EmbeddingStore
 from tasks.features.embed import forward_factory
+from tasks.features.shards import plan_item_shards, plan_unit, read_item_plan, write_item_plan
 from tasks.sources.collection import (
     Item,
     LabelledStl10,

@@ -12,16 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tasks.cluster import (
-    ClusterSetting,
-    default_shards,
-    parse_cluster,
-    search_features_sharded,
-    task_runner,
-)
+from flows.runners import default_shards, task_runner
+from flows.sharded import SEARCH_CODE, SHARDED, searcher
+from tasks.cluster_setting import ClusterSetting, parse_cluster
 from tasks.errors import ImageSearchError
 from tasks.features import store
 from tasks.features.model import DIM
+from tasks.search.backends import SearchRun
 from tasks.search.exact import exact_knn
 from tasks.search.knn import load_neighbors, search_features
 from tasks.search.shards import (
@@ -35,6 +32,13 @@ from tasks.storage import RunFolder
 from tasks.types import DataRef, Features
 
 N_INDEX, N_QUERY, GROUP, K = 3000, 96, 250, 5
+
+
+def search_features_sharded(
+    features: Features, run: RunFolder, k: int, cluster: str | None
+) -> SearchRun:
+    """The ``sharded`` backend through the one search stage, as the flow runs it."""
+    return search_features(features, run, SHARDED, k, searcher(cluster), SEARCH_CODE)
 
 
 def stable_reference(index: np.ndarray, queries: np.ndarray) -> np.ndarray:

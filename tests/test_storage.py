@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tasks.fingerprints import code_version, sampled_fingerprint
 from tasks.layout import JOURNAL, STATE_DIR, TEMP_PREFIX, StageLayout
-from tasks.storage import RunFolder, atomic_path, code_version, overlapping, sampled_fingerprint
+from tasks.storage import RunFolder, atomic_path, overlap
 
 
 def _write_stage(run: RunFolder, name: str, key: list[object], files: dict[str, bytes]) -> None:
@@ -175,7 +176,8 @@ def test_sampled_fingerprint_tells_files_apart_that_size_and_mtime_do_not(
 
 
 def test_overlapping_folders(tmp_path: Path) -> None:
-    assert overlapping(tmp_path / "x", tmp_path / "x")
-    assert overlapping(tmp_path / "x", tmp_path / "x" / "data")
-    assert overlapping(tmp_path / "x" / "data", tmp_path / "x")
-    assert not overlapping(tmp_path / "x", tmp_path / "xy")
+    assert overlap(tmp_path / "x", tmp_path / "x") == "is the same folder as"
+    assert overlap(tmp_path / "x", tmp_path / "x" / "data") == "holds"
+    assert overlap(tmp_path / "x" / "data", tmp_path / "x") == "lies inside"
+    assert overlap(tmp_path / "x" / ".." / "x" / "data", tmp_path / "x") == "lies inside"
+    assert overlap(tmp_path / "x", tmp_path / "xy") is None

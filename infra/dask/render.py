@@ -1,5 +1,5 @@
 """Print the ``DaskCluster`` of GPU worker pods as YAML, rendered by dask-kubernetes'
-``make_cluster_spec`` with the placement of the GPU job (``tasks.cluster.render_cluster_spec``).
+``make_cluster_spec`` with the placement of the GPU job (:mod:`infra.dask.cluster`).
 
     python -m infra.dask.render --image REGISTRY/image-search:SHA [--set n_workers=4 ...]
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from tasks.cluster import DaskGpuVariables, render_cluster_spec
+from infra.dask.cluster import DaskGpuVariables, render_cluster_spec
 from tasks.errors import ImageSearchError
 
 PLACEHOLDER_IMAGE = "REGISTRY/image-search:GIT_SHA"

@@ -23,8 +23,9 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.features.model import DIM
+from tasks.fingerprints import code_version, fingerprint
 from tasks.layout import EMBEDDINGS_DIR
-from tasks.storage import atomic_path, code_version, fingerprint, write_json_atomic
+from tasks.storage import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class EmbeddingStore:
     """The embeddings of one model identity, keyed by content hash (32-byte SHA-256 digests)."""
 
     def __init__(self, out: Path, key: str) -> None:
+        self.out = out
         self.folder = out / EMBEDDINGS_DIR / key
         self.key = key
         self._index: dict[bytes, tuple[int, int]] | None = None

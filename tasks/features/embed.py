@@ -79,6 +79,39 @@ def forward_factory(
     return make
 
 
+# How the catalog pass embeds what is new: (collection, items, store, model, batch size,
+# progress bar) -> (one outcome per item, in order; how many contents were embedded). The flow
+# hands one in: :func:`embed_in_process`, or a sharded one that runs on a Dask cluster.
+EmbedRunner = Callable[
+    [Collection, list[Item], EmbeddingStore, ModelSpec, int, bool], tuple[list[Outcome], int]
+]
+
+
+def embed_in_process(
+    collection: Collection,
+    items: list[Item],
+    content: EmbeddingStore,
+    spec: ModelSpec,
+    batch_size: int,
+    progress: bool = True,
+) -> tuple[list[Outcome], int]:
+    """The catalog pass's embedding in this process: one model, built only when something is
+    new, its description recorded in the store."""
+    model_meta: dict[str, Any] = {}
+    done = embed_items(
+        collection,
+        items,
+        content,
+        forward_factory(spec, model_meta),
+        input_size=spec.input_size,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    if model_meta:
+        content.describe(model_meta)
+    return done
+
+
 def listing_fingerprint(items: Iterable[Any]) -> str:
     """Content of a listing (URIs, versions, labels) as one fingerprint."""
     import hashlib
@@ -96,7 +129,7 @@ def catalog_collection(
     *,
     batch_size: int,
     progress: bool = True,
-    cluster: str | None = None,
+    embed: EmbedRunner = embed_in_process,
 ) -> CatalogRef:
     """``catalog.parquet`` and ``errors.parquet`` of ``collection``, every new content embedded
     into the store; nothing at all is read when the listing and model are those of the last run."""
@@ -133,28 +166,13 @@ def catalog_collection(
                     errs.column("uri").to_pylist(), errs.column("image_id").to_pylist(), strict=True
                 )
             )
-        model_meta: dict[str, Any] = {}
 
         def process(todo: list[Item]) -> tuple[list[Outcome], int]:
-            if cluster is not None:  # sharded over Dask workers, each writing its own parts
-                from tasks.cluster import embed_sharded
-
-                return embed_sharded(collection, todo, run.out, spec, batch_size, cluster)
-            return embed_items(
-                collection,
-                todo,
-                content,
-                forward_factory(spec, model_meta),
-                input_size=spec.input_size,
-                batch_size=batch_size,
-                progress=progress,
-            )
+            return embed(collection, todo, content, spec, batch_size, progress)
 
         table, errors, stats, next_id = build_catalog(
             items, content, process, previous=prev, previous_errors=prev_errors
         )
-        if model_meta:
-            content.describe(model_meta)
         meta = {
             "collection": collection.describe(),
             "next_id": next_id,
@@ -265,14 +283,18 @@ def write_features(
 
 
 def catalog(
-    collection: Collection, out: str, spec: ModelSpec, batch_size: int, cluster: str | None = None
+    collection: Collection,
+    out: str,
+    spec: ModelSpec,
+    batch_size: int,
+    embed: EmbedRunner | None = None,
 ) -> CatalogRef:
-    """List, hash and embed what is new: in a task of this flow, or sharded over ``cluster``
-    (a nested flow on the Dask task runner, called from the flow itself). The task receives
-    the collection's description, a few strings, never the collection (it may hold a memory
-    map of gigabytes)."""
-    if cluster is not None:
-        return _catalog_body(collection, out, spec, batch_size, cluster)
+    """List, hash and embed what is new: in a task of this flow, or with ``embed`` (a sharded
+    runner whose nested flow must be started by the flow itself, not inside a task). The task
+    receives the collection's description, a few strings, never the collection (it may hold a
+    memory map of gigabytes)."""
+    if embed is not None:
+        return catalog_pass(collection, out, spec, batch_size, embed)
     skip = [out] if isinstance(collection, FolderCollection) else []
     return catalog_task(collection.describe(), skip, out, spec, batch_size)
 
@@ -282,15 +304,15 @@ def catalog_task(
     described: dict[str, Any], skip: list[str], out: str, spec: ModelSpec, batch_size: int
 ) -> CatalogRef:
     """Prefect task: the catalog pass in this process."""
-    return _catalog_body(reopen(described, skip), out, spec, batch_size, None)
+    return catalog_pass(reopen(described, skip), out, spec, batch_size, embed_in_process)
 
 
-def _catalog_body(
-    collection: Collection, out: str, spec: ModelSpec, batch_size: int, cluster: str | None
+def catalog_pass(
+    collection: Collection, out: str, spec: ModelSpec, batch_size: int, embed: EmbedRunner
 ) -> CatalogRef:
     """The catalog pass, with its counts as an artifact."""
     ref = catalog_collection(
-        collection, RunFolder(Path(out)), spec, batch_size=batch_size, cluster=cluster
+        collection, RunFolder(Path(out)), spec, batch_size=batch_size, embed=embed
     )
     create_table_artifact(
         key=artifact_key("catalog"),

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from tasks.errors import ImageSearchError, param
-from tasks.storage import file_digest
+from tasks.fingerprints import file_digest
 
 DIM = 2048
 # The network is built for any square input size; the size is a property of the features.

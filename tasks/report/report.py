@@ -1,5 +1,6 @@
-"""The report: a table of backends, the notebook's picture of queries and their neighbours
-(``results.png``), and a summary a person reads in ten seconds."""
+"""The results stage: a table of backends, the picture of queries and their neighbours
+(``results.png``), and a summary a person reads in ten seconds (with the catalog's counts and
+first errors), as artifacts of the run."""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@ inputs) and keep its neighbours, as image ids, in ``.knn/<backend>.npz`` in the 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,26 +36,44 @@ def load_neighbors(run: SearchRun, out: Path) -> tuple[np.ndarray, np.ndarray, n
         ) from exc
 
 
-def search_features(features: Features, run: RunFolder, backend_name: str, k: int) -> SearchRun:
-    """Run one backend over the feature files unless it already ran on the same inputs."""
-    backend = make_backend(backend_name)
-    reason = backend.unavailable_reason()
-    if reason is not None:
-        return SearchRun(
-            backend=backend.name, device=backend.device, available=False, reason=reason
-        )
+# How a backend that is not a :class:`~tasks.search.backends.Backend` of this process searches
+# (the sharded one, on a Dask cluster): (index file, query file, k, destination) -> its run.
+Searcher = Callable[[Path, Path, int, Path], SearchRun]
+
+
+def search_features(
+    features: Features,
+    run: RunFolder,
+    backend_name: str,
+    k: int,
+    searcher: Searcher | None = None,
+    code: Sequence[str] = ("tasks.search",),
+) -> SearchRun:
+    """Run one backend over the feature files unless it already ran on the same inputs.
+
+    ``searcher``: how to search when the backend is not one of this process (its answer must
+    not depend on where it runs: the key holds the backend's name and ``code``, not its place).
+    """
+    if searcher is None:
+        backend = make_backend(backend_name)
+        reason = backend.unavailable_reason()
+        if reason is not None:
+            return SearchRun(
+                backend=backend.name, device=backend.device, available=False, reason=reason
+            )
+        searcher = partial(run_backend, backend)
     layout = knn_stage(backend_name)
     (rel,) = layout.outputs
     stage = run.stage(
         layout,
         [features.index.fingerprint, features.query.fingerprint, backend_name, k],
-        code=["tasks.search"],
+        code=code,
     )
     done = stage.done()
     if done is not None:
         result = SearchRun.model_validate(done["run"])
     else:
-        result = run_backend(backend, features.index.path, features.query.path, k, stage.path(rel))
+        result = searcher(features.index.path, features.query.path, k, stage.path(rel))
         result = result.model_copy(update={"path": rel})
         stage.finish(run=result.model_dump())
     # Read from where this run's copy is (staged until the run commits its outputs).

@@ -11,13 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tasks.errors import ImageSearchError, param
-from tasks.storage import (
-    file_digest,
-    folder_lock,
-    is_writable_dir,
-    remove_orphan_temps,
-    write_json_atomic,
-)
+from tasks.fingerprints import file_digest
+from tasks.storage import folder_lock, is_writable_dir, remove_orphan_temps, write_json_atomic
 
 log = logging.getLogger(__name__)
 

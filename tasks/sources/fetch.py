@@ -14,7 +14,8 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from tasks.errors import ImageSearchError, TransientNetworkError, param
-from tasks.storage import file_digest, is_out_of_space, out_of_space_error
+from tasks.fingerprints import file_digest
+from tasks.storage import is_out_of_space, out_of_space_error
 
 CHUNK = 1 << 20
 

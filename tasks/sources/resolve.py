@@ -20,6 +20,7 @@ from prefect.states import State
 from prefect.tasks import exponential_backoff
 
 from tasks.errors import ImageSearchError, TransientNetworkError, param
+from tasks.fingerprints import sampled_fingerprint
 from tasks.sources.archive import extract_members
 from tasks.sources.cache import data_lock, default_data_dir, verify_file
 from tasks.sources.fetch import download_file
@@ -37,7 +38,6 @@ from tasks.sources.stl10 import (
     Checksums,
     dataset_ref,
 )
-from tasks.storage import sampled_fingerprint
 from tasks.types import DataRef
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,10 @@ import numpy as np
 from PIL import Image
 
 from tasks.errors import ImageSearchError, param
+from tasks.fingerprints import file_digest
 from tasks.sources.cache import data_lock
 from tasks.sources.stl10 import IMAGE_BYTES
-from tasks.storage import atomic_path, file_digest
+from tasks.storage import atomic_path
 from tasks.types import DataRef
 
 SAMPLE_IMAGES = 2000

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.errors import ImageSearchError, param
-from tasks.storage import fingerprint
+from tasks.fingerprints import fingerprint
 from tasks.types import DataRef
 
 OFFICIAL_URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"

@@ -12,8 +12,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from infra.dask.cluster import DaskGpuVariables, render_cluster_spec
 from infra.dask.render import PLACEHOLDER_IMAGE, main, parse_sets, render_yaml
-from tasks.cluster import DaskGpuVariables, render_cluster_spec
 from tasks.errors import ImageSearchError
 from tests.deploy.helpers import INFRA, load_pool_template
 

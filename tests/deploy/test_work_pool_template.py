@@ -22,6 +22,7 @@ from prefect.utilities.schema_tools import ValidationError, validate
 from prefect.utilities.templating import apply_values
 from prefect_kubernetes.worker import KubernetesWorker, KubernetesWorkerJobConfiguration
 
+from infra.pod import job_defaults
 from tests.deploy.helpers import REPO, deployment_config, load_manifests, load_pool_template
 
 K8S_VERSION = kubernetes_validate.latest_version()
@@ -358,7 +359,7 @@ def test_pairing_table_matches_the_instance_names_and_the_docs() -> None:
     assert documented == table
     described = load_pool_template()["variables"]["properties"]["gpu_count"]["description"]
     assert all(t in described for t, gpus in table.items() if gpus > 1)
-    variables = gpu_job_variables()
+    variables = {**job_defaults(), **gpu_job_variables()}  # the pool's defaults, as deployed
     assert variables["gpu_count"] <= table[variables["eci_instance_type"]]
 
 
