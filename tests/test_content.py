@@ -51,6 +51,40 @@ def test_a_damaged_part_is_dropped_and_its_contents_count_as_missing(
     assert "is damaged" in caplog.text
 
 
+def test_altered_floats_that_still_parse_are_never_published(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bytes overwritten inside a part's embeddings leave a readable Arrow file; its checksum
+    catches them: the part is dropped, its contents count as missing, the log says so."""
+    store = EmbeddingStore(tmp_path, "k")
+    good = store.append([digest(i) for i in range(3)], rows(range(3)))
+    bad = store.append([digest(i) for i in range(3, 6)], rows(range(3, 6)))
+    data = bytearray(bad.read_bytes())
+    at = data.find(np.float32(4.0).tobytes())  # the first column of row 4, inside the floats
+    assert at > 0
+    data[at : at + 4] = np.float32(4.5).tobytes()
+    bad.write_bytes(bytes(data))
+    fresh = EmbeddingStore(tmp_path, "k")
+    assert all(digest(i) in fresh for i in range(3))
+    assert not any(digest(i) in fresh for i in range(3, 6))
+    assert not bad.exists() and good.exists()
+    assert "do not match their checksum" in caplog.text
+
+
+def test_a_part_without_a_checksum_is_recomputed(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from tasks.features.content import SCHEMA
+
+    store = EmbeddingStore(tmp_path, "k")
+    part = store.append([digest(1)], rows(range(1, 2)))
+    table = pa.ipc.open_file(pa.BufferReader(part.read_bytes())).read_all()
+    table = table.replace_schema_metadata(None)
+    with pa.OSFile(str(part), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+        writer.write_table(table)
+    assert digest(1) not in EmbeddingStore(tmp_path, "k")
+
+
 def test_compaction_only_when_dead_rows_outnumber_live_ones(tmp_path: Path) -> None:
     store = EmbeddingStore(tmp_path, "k")
     store.append([digest(i) for i in range(10)], rows(range(10)))

@@ -7,10 +7,15 @@ resumes without embedding a finished part again. Parts are Arrow IPC files
 (``sha256`` fixed_size_binary[32], ``embedding`` fixed_size_list<float32>[2048]) that appear
 atomically and are read through memory maps, so gathering rows costs no more memory than the
 rows gathered. Parts from concurrent writers (Dask workers) get unique names and never collide.
+
+Every part carries the SHA-256 of its rows in its schema metadata, checked whenever the store
+is loaded: a part whose bytes changed on disk (even floats that still parse) is dropped and
+its images are embedded again, never published.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +41,7 @@ SCHEMA = pa.schema(
         pa.field("embedding", pa.list_(pa.float32(), DIM), nullable=False),
     ]
 )
+CHECKSUM_KEY = b"image_search.rows_sha256"  # schema metadata: SHA-256 of a part's rows
 # Compact when dead rows (contents no longer in any catalog) outnumber live ones.
 COMPACT_DEAD_RATIO = 1.0
 
@@ -74,13 +80,21 @@ class EmbeddingStore:
         path = self.folder / MODEL_FILE
         return dict(json.loads(path.read_text())) if path.exists() else {}
 
-    def _open(self, path: Path) -> pa.Table | None:
+    def _open(self, path: Path) -> tuple[pa.Table, np.ndarray] | None:
+        """A part's table and its (rows, 2048) float32 view, checked against its checksum; None
+        (and the part deleted) when it is damaged."""
         try:
             table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-            if table.schema != SCHEMA:
+            if not table.schema.equals(SCHEMA, check_metadata=False):
                 raise pa.ArrowInvalid(f"unexpected schema {table.schema}")
-            return table
-        except (OSError, pa.ArrowInvalid) as exc:
+            digests, values = _arrays(table)
+            recorded = (table.schema.metadata or {}).get(CHECKSUM_KEY, b"").decode()
+            if not recorded:
+                raise pa.ArrowInvalid("it carries no checksum")
+            if _rows_checksum(digests, values) != recorded:
+                raise pa.ArrowInvalid("its rows do not match their checksum")
+            return table, values
+        except (OSError, pa.ArrowInvalid, UnicodeDecodeError) as exc:
             # Parts appear atomically, so this is outside damage to our own cache file: drop
             # it and let the run embed those images again.
             log.warning("embedding part %s is damaged (%s); recomputing its images", path, exc)
@@ -92,16 +106,15 @@ class EmbeddingStore:
         if self._index is None:
             self._views, self._index = [], {}
             for path in self.parts():
-                table = self._open(path)
-                if table is not None:
-                    self._add(table)
+                opened = self._open(path)
+                if opened is not None:
+                    self._add(*opened)
         return self._index
 
-    def _add(self, table: pa.Table) -> None:
+    def _add(self, table: pa.Table, values: np.ndarray) -> None:
         assert self._index is not None
         t = len(self._views)
-        column = table.column("embedding").combine_chunks()
-        self._views.append(column.values.to_numpy(zero_copy_only=True).reshape(-1, DIM))
+        self._views.append(values)
         for row, digest in enumerate(table.column("sha256").to_pylist()):
             self._index.setdefault(digest, (t, row))
 
@@ -113,25 +126,28 @@ class EmbeddingStore:
 
     def append(self, digests: list[bytes], embeddings: np.ndarray) -> Path:
         """Store (n,) digests with their (n, 2048) float32 embeddings as one new part."""
-        values = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
+        flat = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1)
         table = pa.Table.from_arrays(
             [
                 pa.array(digests, type=pa.binary(32)),
-                pa.FixedSizeListArray.from_arrays(values, DIM),
+                pa.FixedSizeListArray.from_arrays(pa.array(flat), DIM),
             ],
             schema=SCHEMA,
         )
+        checksum = _rows_checksum(*_arrays(table))
+        table = table.replace_schema_metadata({CHECKSUM_KEY: checksum.encode()})
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.arrow"
         dest = self.folder / name
         with (
             atomic_path(dest) as tmp,
             pa.OSFile(str(tmp), "wb") as sink,
-            pa.ipc.new_file(sink, SCHEMA) as writer,
+            pa.ipc.new_file(sink, table.schema) as writer,
         ):
             writer.write_table(table)
         if self._index is not None:
-            self._add(pa.ipc.open_file(pa.memory_map(str(dest))).read_all())
+            written = pa.ipc.open_file(pa.memory_map(str(dest))).read_all()
+            self._add(written, _arrays(written)[1])
         return dest
 
     def gather(self, digests: list[bytes]) -> np.ndarray:
@@ -159,3 +175,21 @@ class EmbeddingStore:
             path.unlink(missing_ok=True)
         self._index, self._views = None, []
         return dead
+
+
+def _arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """A part's digests as (rows, 32) uint8 and embeddings as (rows, 2048) float32, both views
+    of the (memory-mapped) buffers, not copies."""
+    digests = table.column("sha256").combine_chunks()
+    raw = np.frombuffer(digests.buffers()[1], dtype=np.uint8)
+    start = digests.offset * 32
+    values = table.column("embedding").combine_chunks().values
+    floats = values.to_numpy(zero_copy_only=True).reshape(-1, DIM)
+    return raw[start : start + 32 * len(digests)].reshape(-1, 32), floats
+
+
+def _rows_checksum(digests: np.ndarray, values: np.ndarray) -> str:
+    """SHA-256 of a part's rows: its digests, then its embeddings' bytes."""
+    h = hashlib.sha256(np.ascontiguousarray(digests).data)
+    h.update(np.ascontiguousarray(values).data)
+    return h.hexdigest()
