@@ -4,9 +4,33 @@ node (dask-kubernetes' operator), and how many shards to cut for it."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 from tasks.cluster_setting import ClusterSetting, parse_cluster
+from tasks.errors import ImageSearchError, param
+
+# How long a scheduler may take to accept a connection before the run is refused; Dask's own
+# connect timeout (30 s, then an OSError) would otherwise decide, after the listing.
+SCHEDULER_CONNECT_TIMEOUT = 5.0
+
+
+def check_scheduler(address: str, timeout: float = SCHEDULER_CONNECT_TIMEOUT) -> None:
+    """Refuse, naming the setting and the fix, a scheduler address nothing answers on."""
+    parts = urlsplit(address)
+    host, port = parts.hostname or "", parts.port or 0
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except TimeoutError:
+        reason = f"no answer within {timeout:.0f} s"
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    raise ImageSearchError(
+        f"Cannot reach the Dask scheduler at {address} ({reason}). Start it (`dask scheduler`), "
+        f"or set {param('cluster')} to local:N to start N workers on this machine, or to none."
+    )
 
 
 def task_runner(setting: ClusterSetting | str | None) -> Any:

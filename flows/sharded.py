@@ -15,7 +15,7 @@ import numpy as np
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
-from flows.runners import cluster_threads, default_shards, task_runner
+from flows.runners import check_scheduler, cluster_threads, default_shards, task_runner
 from tasks.catalog import Outcome
 from tasks.cluster_setting import parse_cluster
 from tasks.features.content import EmbeddingStore
@@ -237,7 +237,11 @@ def embed_sharded(
 
 
 def embed_runner(cluster: str) -> EmbedRunner:
-    """The catalog pass's embedding sharded over ``cluster`` (see :func:`embed_sharded`)."""
+    """The catalog pass's embedding sharded over ``cluster`` (see :func:`embed_sharded`); a
+    scheduler address nothing answers on is refused here, before the catalog pass."""
+    setting = parse_cluster(cluster)
+    if setting.kind == "address" and setting.address:
+        check_scheduler(setting.address)
 
     def run(
         collection: Collection,

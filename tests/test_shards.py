@@ -15,7 +15,7 @@ import pytest
 from flows.runners import default_shards, task_runner
 from flows.sharded import SEARCH_CODE, SHARDED, searcher
 from tasks.cluster_setting import ClusterSetting, parse_cluster
-from tasks.errors import ImageSearchError
+from tasks.errors import ImageSearchError, option_name
 from tasks.features import store
 from tasks.features.model import DIM
 from tasks.search.backends import SearchRun
@@ -366,6 +366,26 @@ def test_bad_cluster_stops_before_anything_runs(features: Features, tmp_path: Pa
     with pytest.raises(ImageSearchError, match=r"cluster = 'local:x'"):
         search_features_sharded(features, RunFolder(tmp_path), K, "local:x")
     assert not (tmp_path / ".staging").exists()
+
+
+def test_a_scheduler_nothing_answers_on_is_refused_at_once() -> None:
+    """A closed port is named with the setting and the fix before any work, not after Dask's
+    30 s connect timeout."""
+    import socket
+    import time
+
+    from flows.sharded import embed_runner
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(ImageSearchError) as info:
+        embed_runner(f"tcp://127.0.0.1:{port}")
+    assert time.monotonic() - started < 20  # Dask itself gave up after 30 s, then an OSError
+    text = info.value.worded(option_name)
+    assert f"Cannot reach the Dask scheduler at tcp://127.0.0.1:{port}" in text
+    assert "--cluster to local:N" in text
 
 
 def test_the_dask_deployment_renders_its_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
