@@ -341,8 +341,16 @@ def write_errors(path: Path, table: pa.Table) -> None:
 
 
 def check_error_rate(catalog: CatalogRef, max_error_rate: float) -> None:
-    """Stop the run when more images failed than ``max_error_rate`` allows, naming the first."""
+    """Stop the run when more images failed than ``max_error_rate`` allows, or when none at all
+    can be used (whatever the rate allows: there is nothing to index), naming the first."""
     listed = catalog.stats.get("listed", 0)
+    if listed and catalog.n_errors >= listed:
+        errors = read_errors(Path(catalog.uri).parent / ERRORS_FILE)
+        raise ImageSearchError(
+            f"None of the {listed} images could be used. First: "
+            f"{'; '.join(first_errors(errors, 3))}. Every reason is in {ERRORS_FILE} in the "
+            f"output folder; fix or remove those files."
+        )
     if not listed or catalog.n_errors / listed <= max_error_rate:
         return
     errors = read_errors(Path(catalog.uri).parent / ERRORS_FILE)
