@@ -41,7 +41,7 @@ from flows.reporting import failed, quiet_user_errors, separate_folders, show_ta
 from tasks import layout
 from tasks.catalog import check_error_rate
 from tasks.compare import compare
-from tasks.errors import ImageSearchError, TransientNetworkError
+from tasks.errors import ImageSearchError
 from tasks.features.embed import catalog, check_input_size, embed
 from tasks.features.model import weights_path
 from tasks.report.evaluate import evaluate_task
@@ -49,17 +49,8 @@ from tasks.report.report import report
 from tasks.report.samples import show
 from tasks.search.backends import choose_backends, validate_k
 from tasks.search.knn import knn, search_features
-from tasks.sources.cache import default_data_dir
-from tasks.sources.collection import (
-    Collection,
-    LabelledStl10,
-    Stl10Collection,
-    is_collection_source,
-    open_collection,
-)
-from tasks.sources.resolve import RETRIES, download_task, labelled_folder
-from tasks.sources.sample import ensure_labelled_sample
-from tasks.sources.stl10 import EXTRACT_DIR, with_limit
+from tasks.sources.collection import Request, open_source
+from tasks.sources.download import fetch_with_retries
 from tasks.split import check_split, split
 from tasks.storage import RunFolder, ensure_writable_dir, folder_lock
 from tasks.types import ModelSpec
@@ -124,35 +115,6 @@ def image_search(
         return failed(exc)
 
 
-def resolve_collection(params: SearchParams, out_dir: Path) -> Collection:
-    """The collection ``params.source`` names: your images, or STL-10 (downloaded, verified)."""
-    labelled = params.stl10_set == "labelled"
-    if is_collection_source(params.source) and not labelled:
-        return open_collection(params.source, skip=[str(out_dir)], limit=params.limit)
-    if labelled and params.limit is not None:
-        raise ImageSearchError(
-            "--limit applies to the unlabeled set; leave it empty with --stl10-set labelled."
-        )
-    if labelled and params.source.strip() == "sample":
-        return LabelledStl10(str(ensure_labelled_sample(data_dir(params) or default_data_dir())))
-    path = Path(params.source).expanduser()
-    for folder in (path, path / EXTRACT_DIR):
-        if labelled and (folder / "train_X.bin").is_file():
-            return LabelledStl10(str(labelled_folder(folder.resolve(), data_dir(params))))
-    try:
-        fetched = download_task()(params.source, params.data_dir)
-    except TransientNetworkError as exc:  # still failing after every retry
-        raise ImageSearchError(f"{exc.args[0]} Gave up after {RETRIES + 1} attempts.") from exc
-    if labelled:
-        return LabelledStl10(str(labelled_folder(Path(fetched.uri).parent, data_dir(params))))
-    dataset = with_limit(fetched, params.limit)
-    return Stl10Collection(dataset.uri, dataset.rows)
-
-
-def data_dir(params: SearchParams) -> Path | None:
-    return Path(params.data_dir).expanduser() if params.data_dir else None
-
-
 def _search(params: SearchParams) -> dict[str, str]:
     """The stages of one run, wired; returns the paths of the outputs, keyed by name."""
     out_dir = ensure_writable_dir(Path(params.out).expanduser().resolve(), "Output folder")
@@ -165,7 +127,16 @@ def _search(params: SearchParams) -> dict[str, str]:
         if moved := run.recover():
             print(f"finished putting the outputs of an interrupted run in place: {moved}")
         backends = choose_backends(params.backends)
-        collection = resolve_collection(params, out_dir)
+        collection = open_source(
+            Request(
+                source=params.source,
+                stl10_set=params.stl10_set,
+                limit=params.limit,
+                data_dir=Path(params.data_dir).expanduser() if params.data_dir else None,
+                skip=(out,),
+            ),
+            fetch=fetch_with_retries,
+        )
         spec = ModelSpec(
             weights=params.weights,
             seed=params.seed,

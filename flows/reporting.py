@@ -9,9 +9,12 @@ log.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
+from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
 from prefect.states import Failed, State
 from pydantic import ValidationError
 
@@ -73,4 +76,6 @@ def failed(exc: ImageSearchError | ValidationError) -> State[Any]:
     parameters as form fields. Calling the flow raises it as an ImageSearchError, which still
     carries the parameters as :func:`~tasks.errors.param` for the command line to word."""
     raw = format_validation_error(exc) if isinstance(exc, ValidationError) else exc.args[0]
+    with contextlib.suppress(MissingContextError):  # the run's log says it too, not only its state
+        get_run_logger().error(worded(raw))
     return Failed(message=worded(raw), data=ImageSearchError(raw))

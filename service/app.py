@@ -18,7 +18,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -26,8 +25,9 @@ from starlette.datastructures import UploadFile
 
 from service.engine import Engine
 from service.page import PAGE
-from tasks.errors import ImageSearchError
+from tasks.errors import ImageSearchError, TransientNetworkError
 from tasks.query import check_k
+from tasks.sources.http import FetchError, ResponseTooLarge, fetch_bytes
 from tasks.sources.images import BadImage, decode_image, open_image
 
 log = logging.getLogger(__name__)
@@ -112,25 +112,23 @@ class Busy:
 
 
 async def _fetch(url: str, limits: Limits) -> bytes:
-    """The bytes at an http(s) ``url``, at most ``max_upload_bytes`` of them; 422 otherwise."""
+    """The bytes at an http(s) ``url`` through the one HTTP client: at most ``max_upload_bytes``
+    of them (413 beyond), within ``url_timeout_s`` in all. Every other failure is one 422 worded
+    alike, so the service cannot be used to tell a closed port from an HTTP status."""
     if not url.lower().startswith(("http://", "https://")):
         raise HTTPException(422, f"url = {url!r}: only http:// and https:// URLs are fetched.")
     try:
-        async with (
-            httpx.AsyncClient(timeout=limits.url_timeout_s, follow_redirects=True) as client,
-            client.stream("GET", url) as resp,
-        ):
-            if resp.status_code != 200:
-                raise HTTPException(422, f"Fetching {url} answered HTTP {resp.status_code}.")
-            chunks, total = [], 0
-            async for chunk in resp.aiter_bytes():
-                total += len(chunk)
-                if total > limits.max_upload_bytes:
-                    raise _too_large(limits.max_upload_bytes)
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except httpx.HTTPError as exc:
-        raise HTTPException(422, f"Fetching {url} failed ({type(exc).__name__}: {exc}).") from exc
+        return await run_in_threadpool(
+            fetch_bytes,
+            url,
+            max_bytes=limits.max_upload_bytes,
+            timeout=limits.url_timeout_s,
+            deadline=limits.url_timeout_s,
+        )
+    except ResponseTooLarge:
+        raise _too_large(limits.max_upload_bytes) from None
+    except (FetchError, TransientNetworkError):
+        raise HTTPException(422, f"Could not fetch the URL {url}.") from None
 
 
 async def _query_bytes(request: Request, limits: Limits) -> tuple[bytes, str, int | None]:

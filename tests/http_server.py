@@ -19,7 +19,8 @@ class MisbehavingServer:
     - ``cut_once[path] = [n, ...]``: the next responses send n bytes each, then drop;
     - ``fail_status[path] = [code, ...]``: the next requests are answered with these errors;
     - ``hide_length``: paths answered without Content-Length (the body ends when the
-      connection closes), as a stream of unknown size.
+      connection closes), as a stream of unknown size;
+    - ``redirects[path] = url``: answered with a 302 to ``url``.
     """
 
     def __init__(self) -> None:
@@ -29,6 +30,7 @@ class MisbehavingServer:
         self.cut_once: dict[str, list[int]] = {}
         self.fail_status: dict[str, list[int]] = {}
         self.hide_length: set[str] = set()
+        self.redirects: dict[str, str] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.sent: dict[str, int] = {}  # body bytes written per path, all responses together
         self.stopping = threading.Event()
@@ -41,6 +43,12 @@ class MisbehavingServer:
             def do_GET(self) -> None:
                 rng = self.headers.get("Range")
                 server.requests.append((self.path, rng))
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 statuses = server.fail_status.get(self.path)
                 if statuses:
                     self.send_error(statuses.pop(0))

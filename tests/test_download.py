@@ -14,8 +14,9 @@ import pytest
 from tasks.errors import ImageSearchError, TransientNetworkError, option_name
 from tasks.sources.archive import extract_members
 from tasks.sources.cache import default_data_dir
+from tasks.sources.download import download_task, is_transient
 from tasks.sources.fetch import download_file
-from tasks.sources.resolve import download_and_extract, download_task, is_transient
+from tasks.sources.resolve import download_and_extract
 from tasks.sources.stl10 import IMAGE_BYTES, OFFICIAL, OFFICIAL_URL, Checksums, read_all_images
 from tasks.types import DataRef
 from tests.conftest import FakeStl10, MisbehavingServer, make_tarball

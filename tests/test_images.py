@@ -132,16 +132,22 @@ def write_tree(root: Path, names: list[str]) -> None:
 
 def test_folder_listing_labels_and_skips(tmp_path: Path) -> None:
     root = tmp_path / "photos"
-    write_tree(root, ["cat/a.png", "cat/b.PNG", "dog/c.png", "dog/.hidden.png", ".trash/x.png"])
+    names = ["cat/a.png", "cat/b.PNG", "dog/c.png", "dog/d.jpg", "dog/.hidden.png", ".trash/x.png"]
+    write_tree(root, names)
     (root / "dog" / "notes.txt").write_text("not an image")
     folder = FolderCollection(str(root))
-    items = folder.listing()
+    listing = folder.listed()
+    items = listing.items
     assert [Path(i.uri).relative_to(root).as_posix() for i in items] == [
         "cat/a.png",
         "cat/b.PNG",
         "dog/c.png",
+        "dog/d.jpg",
     ]
-    assert [i.label for i in items] == ["cat", "cat", "dog"] and folder.has_labels
+    assert [i.label for i in items] == ["cat", "cat", "dog", "dog"] and folder.has_labels
+    # What was passed over, by kind: the hidden file and the hidden folder, the text file.
+    assert listing.skipped == {"hidden": 2, ".txt": 1}
+    assert (listing.folders, listing.files) == (2, 6)
     write_tree(root, ["loose.png"])  # not every image one folder deep: no labels
     assert {i.label for i in FolderCollection(str(root)).listing()} == {None}
     # The output folder inside the source is never indexed.
@@ -226,7 +232,9 @@ def test_a_folder_without_images_is_a_clear_error(tmp_path: Path) -> None:
     from tasks.types import ModelSpec
 
     (tmp_path / "notes.txt").write_text("no photos here")
-    with pytest.raises(ImageSearchError, match=r"holds no images \(looked for .jpg"):
+    with pytest.raises(
+        ImageSearchError, match=r"No images found in .*: 0 folders, 1 files \(1 .txt\)"
+    ):
         catalog_collection(
             open_collection(str(tmp_path)), RunFolder(tmp_path / "out"), ModelSpec("none"),
             batch_size=8, progress=False,

@@ -178,9 +178,7 @@ def test_search_by_url(service: Service, index: Built, http_server: Any) -> None
         assert next(n["image_id"] for n in resp.json()["neighbours"]) == image_id
         resp = client.post("/search", json={"url": http_server.url("/gone.png")})
         assert resp.status_code == 422
-        assert (
-            resp.json()["detail"] == f"Fetching {http_server.url('/gone.png')} answered HTTP 404."
-        )
+        assert resp.json()["detail"] == f"Could not fetch the URL {http_server.url('/gone.png')}."
         resp = client.post("/search", json={"url": f"file://{path}"})
         assert resp.status_code == 422
         assert "only http:// and https:// URLs are fetched" in resp.json()["detail"]

@@ -1,2 +1,3 @@
-"""Where images come from: STL-10 in any of its forms (URL, tarball, folder, .bin) or the
-built-in sample, fetched, checked, cached and decoded."""
+"""Where images come from: the registry of source kinds (:mod:`tasks.sources.collection`: your
+folders, archives and lists, or STL-10 in any of its forms), the one HTTP client, and the one
+decode rule; STL-10 fetched, checked and cached."""

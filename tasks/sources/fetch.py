@@ -1,23 +1,20 @@
-"""One HTTP download attempt that resumes a ``.part`` file with a Range request and stops at the
-expected size. Retrying is the download task's business (one retry layer), not this module's."""
+"""One download attempt of the STL-10 tarball: the missing bytes of a ``.part`` file through the
+one HTTP client (:func:`tasks.sources.http.download_to_file`, Range resume), then the MD5 check
+before the file is moved into place. Retrying is the download task's business (one retry layer),
+not this module's."""
 
 from __future__ import annotations
 
-import http.client
 import os
-import socket
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
 from tasks.errors import ImageSearchError, TransientNetworkError, param
 from tasks.fingerprints import file_digest
+from tasks.sources.http import READ_TIMEOUT_S, FetchError, ResponseTooLarge, download_to_file
 from tasks.storage import is_out_of_space, out_of_space_error
-
-CHUNK = 1 << 20
 
 
 def offline_hint(url: str, dest: Path) -> str:
@@ -29,22 +26,13 @@ def offline_hint(url: str, dest: Path) -> str:
     )
 
 
-def _open(url: str, start: int, timeout: float) -> http.client.HTTPResponse:
-    headers = {"User-Agent": "image-search"}
-    if start:
-        headers["Range"] = f"bytes={start}-"
-    req = urllib.request.Request(url, headers=headers)
-    response: http.client.HTTPResponse = urllib.request.urlopen(req, timeout=timeout)
-    return response
-
-
 def download_file(
     url: str,
     dest: Path,
     md5: str | None,
     *,
     max_bytes: int | None = None,
-    timeout: float = 60.0,
+    timeout: float = READ_TIMEOUT_S,
     progress: bool = True,
 ) -> Path:
     """Download ``url`` to ``dest`` in one attempt, continuing a partial ``dest.part``.
@@ -57,11 +45,34 @@ def download_file(
     """
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    name = PurePosixPath(urllib.parse.urlparse(url).path).name or "download"
+    bar = tqdm(unit="B", unit_scale=True, desc=name, disable=not progress)
+
+    def advance(n: int, start: int, total: int | None) -> None:
+        if bar.total is None and total is not None:
+            bar.reset(total=total)
+            bar.update(start)
+        bar.update(n)
+
     try:
-        _fetch_into(url, part, timeout=timeout, progress=progress, max_bytes=max_bytes)
+        with bar:
+            download_to_file(url, part, max_bytes=max_bytes, timeout=timeout, on_bytes=advance)
     except TransientNetworkError as exc:
         hint = offline_hint(url, dest)
-        raise TransientNetworkError(f"Could not download {url}: {exc}. {hint}") from exc
+        raise TransientNetworkError(f"Could not download {url}: {exc.args[0]}. {hint}") from exc
+    except ResponseTooLarge as exc:
+        raise ImageSearchError(
+            f"{exc.args[0]}. It is not the file it should be: check the URL or use another mirror."
+        ) from exc
+    except FetchError as exc:
+        if exc.status is not None:
+            raise ImageSearchError(f"{exc.args[0]}; check the URL or use another mirror.") from exc
+        hint = offline_hint(url, dest)
+        raise ImageSearchError(f"Cannot download: {exc.args[0]}. {hint}") from exc
+    except OSError as exc:  # the network's errors are classified above: this is the file
+        if is_out_of_space(exc):
+            raise out_of_space_error(part, exc) from exc
+        raise ImageSearchError(f"Cannot write {part}: {exc}") from exc
     if md5 is not None:
         got = file_digest(part, "md5")
         if got != md5:
@@ -73,76 +84,3 @@ def download_file(
             )
     os.replace(part, dest)
     return dest
-
-
-def _fetch_into(
-    url: str, part: Path, *, timeout: float, progress: bool, max_bytes: int | None
-) -> None:
-    """Append the missing bytes of ``url`` to ``part``."""
-    start = part.stat().st_size if part.exists() else 0
-    try:
-        resp = _open(url, start, timeout)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and start:
-            return  # nothing left to fetch: the partial file is complete (MD5 decides)
-        if exc.code >= 500 or exc.code in (408, 429):
-            raise TransientNetworkError(f"HTTP {exc.code} {exc.reason}") from exc
-        raise ImageSearchError(
-            f"{url} answered HTTP {exc.code} {exc.reason}; check the URL or use another mirror."
-        ) from exc
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, (socket.timeout, TimeoutError, ConnectionError)):
-            raise TransientNetworkError(str(exc.reason)) from exc
-        raise ImageSearchError(
-            f"Cannot reach {url}: {exc.reason}. " + offline_hint(url, part.with_suffix(""))
-        ) from exc
-    except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-        raise TransientNetworkError(str(exc)) from exc
-    with resp:
-        status = getattr(resp, "status", 200)
-        mode = "ab" if start and status == 206 else "wb"
-        if mode == "wb":
-            start = 0
-        length = resp.headers.get("Content-Length")
-        total = start + int(length) if length is not None else None
-        limit = (
-            min(x for x in (total, max_bytes) if x is not None) if (total or max_bytes) else None
-        )
-        received = 0
-        try:
-            with (
-                open(part, mode) as f,
-                tqdm(
-                    total=total,
-                    initial=start,
-                    unit="B",
-                    unit_scale=True,
-                    desc=PurePosixPath(urllib.parse.urlparse(url).path).name or "download",
-                    disable=not progress,
-                ) as bar,
-            ):
-                while block := resp.read(CHUNK):
-                    if limit is not None and start + received + len(block) > limit:
-                        f.write(block[: limit - start - received])
-                        received = limit - start
-                        raise ImageSearchError(
-                            f"{url} sent more than the expected {limit:,} bytes; stopped there. "
-                            f"It is not the file it should be: check the URL or use another "
-                            f"mirror."
-                        )
-                    f.write(block)
-                    received += len(block)
-                    bar.update(len(block))
-        except ImageSearchError:
-            part.unlink(missing_ok=True)
-            raise
-        except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exc:
-            if isinstance(exc, OSError) and not isinstance(exc, (TimeoutError, ConnectionError)):
-                if is_out_of_space(exc):
-                    raise out_of_space_error(part, exc) from exc
-                raise ImageSearchError(f"Cannot write {part}: {exc}") from exc
-            raise TransientNetworkError(f"connection lost after {start + received} bytes") from exc
-        if length is not None and received < int(length):
-            raise TransientNetworkError(
-                f"connection closed after {start + received} of {total} bytes"
-            )

@@ -1,28 +1,21 @@
-"""Turn any supported source into a verified STL-10 ``unlabeled_X.bin`` and a reference to it:
-a URL (downloaded into the data cache), a tarball, a folder, a ``.bin`` file, or the sample.
+"""Turn any form of STL-10 into a verified ``unlabeled_X.bin`` and a reference to it: a URL
+(downloaded into the data cache), a tarball, a folder, a ``.bin`` file, or the sample.
 
-The ``download`` task is the one retry layer: one attempt per call (the ``.part`` file resumes)
-and Prefect retries with exponential backoff for :class:`TransientNetworkError` only.
+One attempt per call (the ``.part`` file resumes); retrying is the download task's
+(:mod:`tasks.sources.download`), for :class:`TransientNetworkError` only.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import urllib.parse
-import urllib.request
 from pathlib import Path
-from typing import Any
 
-from prefect import Task, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.states import State
-from prefect.tasks import exponential_backoff
-
-from tasks.errors import ImageSearchError, TransientNetworkError, param
+from tasks.errors import ImageSearchError, param
 from tasks.fingerprints import sampled_fingerprint
 from tasks.sources.archive import extract_members
 from tasks.sources.cache import data_lock, default_data_dir, verify_file
+from tasks.sources.collection import not_a_source, stl10_form
+from tasks.sources.collection.base import locate
 from tasks.sources.fetch import download_file
 from tasks.sources.sample import ensure_sample
 from tasks.sources.stl10 import (
@@ -30,7 +23,6 @@ from tasks.sources.stl10 import (
     LABELLED,
     LABELLED_SIZES,
     OFFICIAL,
-    OFFICIAL_URL,
     OPTIONAL,
     TARBALL_NAME,
     UNLABELED,
@@ -42,46 +34,38 @@ from tasks.types import DataRef
 
 log = logging.getLogger(__name__)
 
-BACKOFF_ENV = "IMAGE_SEARCH_RETRY_BACKOFF"
-RETRIES = 5
-
 
 def download_and_extract(
     source: str, data_dir: Path | None = None, *, checksums: Checksums | None = None
 ) -> DataRef:
     """Make ``unlabeled_X.bin`` available from ``source`` and return a reference to it.
 
-    ``source``: an http(s)/file URL of the tarball, a local tarball, a folder with the extracted
-    files, a ``.bin`` file in the STL-10 binary format (used as is, not checksummed), or
-    ``sample``. A verified copy in the cache means no network access at all. One download
-    attempt per call: :class:`TransientNetworkError` means "call again later".
+    ``source``: any form of STL-10 the registry recognises (see
+    :func:`tasks.sources.collection.stl10_form`): an http(s) URL of the tarball, a local tarball
+    (also as a ``file://`` URL), a folder with the extracted files, a ``.bin`` file in the STL-10
+    binary format (used as is, not checksummed), or ``sample``. A verified copy in the cache
+    means no network access at all. One download attempt per call:
+    :class:`TransientNetworkError` means "call again later".
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     checksums = OFFICIAL if checksums is None else checksums
-    source = source.strip()
-    if source == "sample":
+    located = locate(source)
+    form = stl10_form(located)
+    if form is None:
+        if located.path is not None and located.path.is_dir():
+            return _from_folder(located.path, data_dir, checksums)  # names what is missing
+        raise not_a_source(located)
+    if form == "sample":
         return ensure_sample(data_dir)
-    scheme = urllib.parse.urlparse(source).scheme.lower()
-    if scheme in ("http", "https", "file"):
-        return _from_url(source, data_dir, checksums)
-    if scheme and len(scheme) > 1:  # a one-letter scheme is a Windows drive
-        raise ImageSearchError(
-            f"Unsupported source {source!r}: scheme {scheme!r} is not one of http, https, file "
-            f"(STL-10) or s3, gs, az (a folder of images). Use a URL, a tarball path, a folder, "
-            f"an archive or list of images, a .bin file or 'sample'."
-        )
-    path = Path(source).expanduser()
-    if path.is_dir():
+    if form == "url":
+        return _from_url(located.text, data_dir, checksums)
+    path = located.path
+    assert path is not None  # every other form is local
+    if form == "folder":
         return _from_folder(path, data_dir, checksums)
-    if path.is_file():
-        if path.suffix == ".bin":
-            return dataset_ref(path, sampled_fingerprint(path))
-        return _from_tarball(path, data_dir, checksums)
-    raise ImageSearchError(
-        f"Source {source!r} is neither a URL, an existing file or folder, nor 'sample'. "
-        f"Use a folder, archive or .parquet/.csv list of your images, {OFFICIAL_URL}, a path "
-        f"to {TARBALL_NAME}, a folder with {UNLABELED}, or {param('source')} sample."
-    )
+    if form == "bin":
+        return dataset_ref(path, sampled_fingerprint(path))
+    return _from_tarball(path, data_dir, checksums)
 
 
 def _cached(data_dir: Path, checksums: Checksums) -> DataRef | None:
@@ -124,10 +108,6 @@ def _from_url(url: str, data_dir: Path, checksums: Checksums) -> DataRef:
                 log.warning("cached %s failed verification; downloading it again", tarball)
                 tarball.unlink()
         if not tarball.exists():
-            if url.lower().startswith("file:"):
-                local = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
-                if not local.is_file():
-                    raise ImageSearchError(f"Source {url!r}: no such file {local}.")
             download_file(url, tarball, checksums.tarball, max_bytes=checksums.max_tarball_bytes)
         try:
             return _extract_into_cache(tarball, data_dir, checksums)
@@ -186,34 +166,3 @@ def labelled_folder(
                 if writable:
                     verify_file(path, checksums.members[name], data_dir)
     return folder
-
-
-def retry_backoff() -> float:
-    """Base delay in seconds between download retries: ``$IMAGE_SEARCH_RETRY_BACKOFF``, else 2.
-
-    Read when a flow runs, not at import, so tests and users set it per run.
-    """
-    try:
-        return max(float(os.environ.get(BACKOFF_ENV, "2")), 0.0)
-    except ValueError:
-        return 2.0
-
-
-def is_transient(task: Any, task_run: Any, state: State) -> bool:
-    """Retry only network trouble; a bad URL, checksum, tarball or a bug fails at once."""
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, TransientNetworkError)
-
-
-@task(retries=RETRIES, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
-def download(source: str, data_dir: str | None) -> DataRef:
-    """Prefect task: fetch and verify the dataset, one attempt per try."""
-    ref = download_and_extract(source, Path(data_dir) if data_dir else None)
-    get_run_logger().info("dataset %s: %d images (%s)", ref.uri, ref.rows, ref.fingerprint)
-    return ref
-
-
-def download_task() -> Task[..., DataRef]:
-    """The download task with this run's backoff: base, 2×, 4×, ... seconds between tries."""
-    delays = exponential_backoff(backoff_factor=retry_backoff())(RETRIES)
-    return download.with_options(retry_delay_seconds=delays)
