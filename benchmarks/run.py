@@ -37,6 +37,13 @@ register(
     "benchmarks.certified:certified_search",
     "Certified reduced-precision search vs exact_knn, FAISS, scikit-learn (k = 3, 10)",
 )
+register(
+    "exact-kinds",
+    "benchmarks.exact_kinds:exact_kinds",
+    "Exact and certified (current and an older revision) vs FAISS on uniform, clustered and "
+    "real features",
+    default=False,
+)
 register("decode", "benchmarks.decode:decode", "Memory-map 100,000 STL-10 images")
 register(
     "decoders",

@@ -6,14 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import tasks.search.certified as certified
 from tasks.search.certified import (
     FORMATS,
     CertifiedStats,
     choose_format,
+    engines,
+    formats,
     prepare_certified,
     search_certified,
 )
+from tasks.search.certified import search as csearch
+from tasks.search.certified.bound import dot_interval
+from tasks.search.certified.index import CertifiedIndex
+from tasks.search.core import lowest_k
 from tasks.search.exact import exact_knn
 
 RTOL = 1e-6  # distances are measured in float64 and rounded once to float32
@@ -111,7 +116,7 @@ def signed_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def prepared_unsigned(
     unsigned_case: tuple[np.ndarray, np.ndarray, np.ndarray],
-) -> dict[str, certified.CertifiedIndex]:
+) -> dict[str, CertifiedIndex]:
     return {fmt: prepare_certified(unsigned_case[0], fmt) for fmt in FORMATS}
 
 
@@ -119,7 +124,7 @@ def prepared_unsigned(
 @pytest.mark.parametrize("k", [1, 3, 10, 100])
 def test_adversarial_non_negative_data_matches_float64(
     unsigned_case: tuple[np.ndarray, np.ndarray, np.ndarray],
-    prepared_unsigned: dict[str, certified.CertifiedIndex],
+    prepared_unsigned: dict[str, CertifiedIndex],
     fmt: str,
     k: int,
 ) -> None:
@@ -196,7 +201,7 @@ def test_k_up_to_1000(fmt: str) -> None:
 
 def test_forced_fallback_takes_the_exact_path(
     unsigned_case: tuple[np.ndarray, np.ndarray, np.ndarray],
-    prepared_unsigned: dict[str, certified.CertifiedIndex],
+    prepared_unsigned: dict[str, CertifiedIndex],
 ) -> None:
     _, queries, full = unsigned_case
     k = 3
@@ -212,18 +217,18 @@ def test_forced_fallback_takes_the_exact_path(
 
 def test_bound_is_sound_for_every_row(
     unsigned_case: tuple[np.ndarray, np.ndarray, np.ndarray],
-    prepared_unsigned: dict[str, certified.CertifiedIndex],
+    prepared_unsigned: dict[str, CertifiedIndex],
 ) -> None:
     """The threshold's claim, checked on every (query, row): a score above its threshold means
     the row is farther than the k-th distance of the k rows used to set it."""
     _, queries, full = unsigned_case
     k = 4
     for fmt, ix in prepared_unsigned.items():
-        qb = certified._reduce_queries(ix, queries)
+        qb = formats.reduce_queries(np, ix.fmt, queries, ix.reduced_norm_max)
         raw = np.empty((len(queries), ix.n_index), dtype=ix.engine.out_dtype)
         ix.engine(qb.values, qb.zero_point, raw)
-        t = certified._scores(ix, raw, qb.scale)
-        first = certified._lowest_k(np, t, k)
+        t = csearch.scores(ix, raw, qb.scale)
+        first = lowest_k(np, t, k)
         d0 = np.take_along_axis(full, first, axis=1).max(axis=1)
         b = ix.bound
         w = d0 * (1 + 4 * b.delta) + qb.eps
@@ -242,8 +247,9 @@ def resnet_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return index, queries, *exact_knn(index, queries, 3)
 
 
-def test_float32_prefilter_keeps_every_possible_neighbour() -> None:
-    """Candidates closer than float32 can tell apart all survive to the float64 re-rank."""
+def test_float32_dot_stage_keeps_every_possible_neighbour() -> None:
+    """Candidates closer than float32 can tell apart all survive to the float64 re-rank
+    (step 7), and the interval holds every exact distance."""
     rng = np.random.default_rng(7)
     d = 300
     base = np.abs(rng.standard_normal((1, d))).astype(np.float32) * 40
@@ -252,14 +258,20 @@ def test_float32_prefilter_keeps_every_possible_neighbour() -> None:
     index[40:] += np.abs(rng.standard_normal((24, d))).astype(np.float32)  # clearly farther
     query = base + np.float32(0.25)
     ix = prepare_certified(index, "float32")
-    cand = np.arange(64, dtype=np.int64)[None, :]
+    r = np.zeros(64, dtype=np.int64)
+    c = np.arange(64, dtype=np.int64)
+    q_sq = np.einsum("ij,ij->i", query, query, dtype=np.float64)
+    lower, upper = dot_interval(
+        np, csearch.dots(np, ix.data, query, r, c), q_sq[r], ix.data_sq[c], d
+    )
+    full = reference(index, query)[0]
+    assert (lower <= full).all() and (full <= upper).all()
     for k in (1, 5, 30):
-        kept_pos, width, kept = certified._prefilter(ix, query, cand, np.array([64]), k)
-        full = reference(index, query)[0]
+        kth = np.sort(upper)[k - 1] * (1 + 4 * ix.bound.delta)
+        kept = np.flatnonzero(lower <= kth)
         must = np.flatnonzero(full <= np.sort(full)[k - 1])
-        assert set(must) <= set(kept_pos[0, : kept[0]].tolist()), k
-        assert kept[0] <= 40 and width >= k  # the clearly farther rows were dropped
-        assert (np.diff(kept_pos[0, : kept[0]]) > 0).all()  # positions stay ascending
+        assert set(must) <= set(kept.tolist()), k
+        assert kept.size <= 40  # the clearly farther rows were dropped
 
 
 @pytest.mark.parametrize("fmt", ["int8", "bfloat16", "float16"])
@@ -278,10 +290,10 @@ def test_resnet_like_features_are_certified(
 def test_int8_without_onnxruntime_is_emulated_exactly(
     signed_case: tuple[np.ndarray, np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(certified, "_ort_available", lambda: "onnxruntime hidden by the test")
+    monkeypatch.setattr(engines, "ort_available", lambda: "onnxruntime hidden by the test")
     index, queries, _ = signed_case
     ix = prepare_certified(np.abs(index), "int8")
-    assert isinstance(ix.engine, certified._ExactInt8Engine)
+    assert isinstance(ix.engine, engines.ExactInt8Engine)
     assert "emulation" in ix.choice.engine
     dist, pos = search_certified(ix, queries, 7)
     assert_identical(dist, pos, reference(np.abs(index), queries), 7)
@@ -289,7 +301,7 @@ def test_int8_without_onnxruntime_is_emulated_exactly(
 
 def test_block_sizes_and_stats_accumulate(
     unsigned_case: tuple[np.ndarray, np.ndarray, np.ndarray],
-    prepared_unsigned: dict[str, certified.CertifiedIndex],
+    prepared_unsigned: dict[str, CertifiedIndex],
 ) -> None:
     _, queries, full = unsigned_case
     stats = CertifiedStats()
@@ -306,7 +318,7 @@ def test_block_sizes_and_stats_accumulate(
     assert dist.shape == pos.shape == (0, 5)
 
 
-def test_choice_is_recorded(prepared_unsigned: dict[str, certified.CertifiedIndex]) -> None:
+def test_choice_is_recorded(prepared_unsigned: dict[str, CertifiedIndex]) -> None:
     ix = prepared_unsigned["int8"]
     assert ix.choice.fmt == "int8" and ix.choice.reason == "requested"
     assert ix.choice.engine and "avx2" in ix.choice.cpu
@@ -324,14 +336,12 @@ def test_onnxruntime_int8_products_are_exact() -> None:
     index = np.abs(rng.standard_normal((300, d))).astype(np.float32)
     index[0] = index.max()  # every level at its top: the int16 pair sums saturate first
     ix = prepare_certified(index, "int8")
-    assert isinstance(ix.engine, certified._OrtInt8Engine)
-    emulated = certified._ExactInt8Engine(
-        np, certified._reduce_index(np, ix.data, "int8", "rows")[0]
-    )
+    assert isinstance(ix.engine, engines.OrtInt8Engine)
+    emulated = engines.ExactInt8Engine(np, formats.reduce_index(np, ix.data, "int8", "rows").values)
     for queries in (np.abs(rng.standard_normal((9, d))), rng.standard_normal((9, d))):
         q = queries.astype(np.float32)
         q[0] = np.abs(q).max()
-        qb = certified._reduce_queries(ix, q)
+        qb = formats.reduce_queries(np, ix.fmt, q, ix.reduced_norm_max)
         got = np.empty((9, 300), dtype=np.int32)
         want = np.empty((9, 300), dtype=np.int32)
         ix.engine(qb.values, qb.zero_point, got)
@@ -395,3 +405,26 @@ def test_cupy_float16_matches_float64(
         dist, pos = search_certified(ix, cupy.asarray(queries), 3, max_candidates=3, stats=stats)
         assert stats.fallback > 0
         assert_identical(dist, pos, full, 3)
+
+
+def test_memory_mapped_index_is_not_copied_and_single_queries_are_exact(
+    tmp_path: pytest.TempPathFactory,
+    unsigned_case: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """The service's use: an int8 copy scanned, candidates re-measured from a memory-mapped
+    float32 file; one query (or a few) per call, answers identical to float64."""
+    index, queries, full = unsigned_case
+    path = tmp_path / "index.f32"  # type: ignore[operator]
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=index.shape)
+    mm[:] = index
+    mm.flush()
+    mapped = np.memmap(path, dtype=np.float32, mode="r", shape=index.shape)
+    ix = prepare_certified(mapped, "int8")
+    assert np.shares_memory(ix.data, mapped)  # re-measured from the map, never copied
+    assert ix.fallback_index is not None and np.shares_memory(ix.fallback_index.data, mapped)
+    for i in (0, 7, 35, 80):
+        dist, pos = search_certified(ix, queries[i : i + 1], 5)
+        assert_identical(dist, pos, full[i : i + 1], 5)
+    for m in (2, 16):
+        dist, pos = search_certified(ix, queries[:m], 3)
+        assert_identical(dist, pos, full[:m], 3)

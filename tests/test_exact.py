@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tasks.search.core import float32_distance_error
 from tasks.search.exact import default_block, exact_knn, prepare_index, search_prepared
 
 # Refined distances are measured in float64 and rounded once to float32.
@@ -168,3 +169,79 @@ def test_invalid_values_and_block() -> None:
         ValueError, match=r"Expected block >= 1 \(queries per block\), but block = 0"
     ):
         exact_knn(index, index, 1, block=0)
+
+
+def float32_expansion(index: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Distances (n_queries, n_index) as a float32 backend computes them: |q|² + |x|² − 2q·x
+    in float32, clamped at zero, square root (FAISS IndexFlatL2 and cuML do this)."""
+    qq = np.einsum("ij,ij->i", queries, queries)[:, None]
+    xx = np.einsum("ij,ij->i", index, index)[None, :]
+    sq = (qq + xx) - np.float32(2) * (queries @ index.T)
+    return np.sqrt(np.maximum(sq, 0)).astype(np.float32)
+
+
+def test_float32_distance_error_holds_for_float32_backends() -> None:
+    """Computed float32 distances stay within the bound on data made for cancellation: large
+    norms, duplicates and near-duplicates of the queries, mixed signs."""
+    rng = np.random.default_rng(11)
+    d = 96
+    queries = (rng.standard_normal((20, d)) * 3 + 200).astype(np.float32)
+    index = np.concatenate(
+        [
+            queries + rng.normal(0, 1e-3, (20, d)),  # near-duplicates: D ~ 1e-2, |q| ~ 2000
+            queries,  # duplicates: D = 0
+            rng.standard_normal((200, d)) * 50,  # far, mixed signs
+            queries[:5] * 1.5,
+        ]
+    ).astype(np.float32)
+    exact = reference(index, queries)
+    qn = np.linalg.norm(queries.astype(np.float64), axis=1)
+    xn = np.broadcast_to(np.linalg.norm(index.astype(np.float64), axis=1), exact.shape)
+    loose = float32_distance_error(qn, xn, d)
+    tight = float32_distance_error(qn, xn, d, exact)
+    assert loose.shape == tight.shape == exact.shape and (tight <= loose).all()
+    computed = [float32_expansion(index, queries)]
+    try:
+        import faiss
+
+        flat = faiss.IndexFlatL2(d)
+        flat.add(index)
+        sq, ids = flat.search(queries, len(index))
+        faiss_d = np.empty_like(exact)
+        np.put_along_axis(faiss_d, ids, np.sqrt(np.maximum(sq, 0)), axis=1)
+        computed.append(faiss_d)
+    except ImportError:  # pragma: no cover - FAISS is a dependency, but optional here
+        pass
+    for got in computed:
+        err = np.abs(got.astype(np.float64) - exact)
+        assert (err <= tight).all(), float((err - tight).max())
+        assert err.max() > 0  # the cancellation is real here, the check is not vacuous
+
+
+def test_float32_distance_error_separates_near_ties_from_wrong_neighbours() -> None:
+    """A row whose exact distance exceeds the true neighbour's by less than both rows' bounds
+    is a tie for a float32 backend (it may rank it first, and here it does); one beyond the
+    bounds is never ranked first, so returning it is a wrong answer."""
+    rng = np.random.default_rng(12)
+    d, trials = 64, 200
+    q = (rng.standard_normal((trials, d)) + 300).astype(np.float32)
+    direction = rng.standard_normal((trials, 3, d))
+    direction /= np.linalg.norm(direction, axis=2, keepdims=True)
+    qn = np.linalg.norm(q.astype(np.float64), axis=1)
+    err = float32_distance_error(qn, qn, d, np.ones((trials, 1)))[:, 0]  # at D = 1
+    # Row 0 at distance 1 (the neighbour); row 1 inside the bounds; row 2 just outside them.
+    gaps = np.stack([np.zeros(trials), 1e-3 * err, 2.2 * err], axis=1)
+    rows = q[:, None, :] + (1.0 + gaps)[:, :, None] * direction
+    rows = rows.astype(np.float32)
+    exact = np.sqrt(((rows.astype(np.float64) - q[:, None, :]) ** 2).sum(-1))
+    xn = np.linalg.norm(rows.astype(np.float64), axis=2)
+    bound = float32_distance_error(qn, xn, d, exact)
+    tie_limit = bound[:, :1] + bound[:, 1:]
+    planted_gap = exact[:, 1:] - exact[:, :1]
+    assert (planted_gap[:, 0] < tie_limit[:, 0]).all()  # near-ties: inside
+    assert (planted_gap[:, 1] > tie_limit[:, 1]).all()  # wrong neighbours: outside
+    computed = np.stack(
+        [float32_expansion(rows[i], q[i : i + 1])[0] for i in range(trials)]
+    ).astype(np.float64)
+    assert (computed[:, 2] > computed[:, 0]).all()  # never ranked before the neighbour
+    assert (computed[:, 1] < computed[:, 0]).any()  # some near-ties do come out first
