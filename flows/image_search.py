@@ -39,13 +39,14 @@ from tasks import layout
 from tasks.catalog import check_error_rate
 from tasks.cluster import search_features_sharded
 from tasks.compare import compare
-from tasks.errors import ImageSearchError, TransientNetworkError
+from tasks.errors import ImageSearchError, TransientNetworkError, param
 from tasks.features.embed import catalog, check_input_size, embed
 from tasks.features.model import weights_path
 from tasks.report.evaluate import evaluate_task
 from tasks.report.report import report
 from tasks.report.samples import show
-from tasks.search.backends import choose_backends, validate_k
+from tasks.search.backends import choose_backends
+from tasks.search.k import check_k
 from tasks.search.knn import knn
 from tasks.sources.cache import default_data_dir
 from tasks.sources.collection import (
@@ -122,6 +123,10 @@ def image_search(
         return failed(exc)
 
 
+# What else a run can change when k exceeds its index.
+MORE_IMAGES = f"or use more images ({param('limit')}) or a larger {param('split_ratio')}"
+
+
 def resolve_collection(params: SearchParams, out_dir: Path) -> Collection:
     """The collection ``params.source`` names: your images, or STL-10 (downloaded, verified)."""
     labelled = params.stl10_set == "labelled"
@@ -175,7 +180,7 @@ def _search(params: SearchParams) -> dict[str, str]:
         # Configuration errors stop the run before anything is written: the listing bounds
         # how many images the catalog can hold.
         n_index, _ = check_split(len(collection.items()), params.split_ratio)
-        validate_k(params.k, n_index)
+        check_k(params.k, n_index, fix=MORE_IMAGES)
         # Every stage writes into the staging area; the outputs in place change only below.
         catalog_ref = catalog(collection, out, spec, params.batch_size, params.cluster)
         try:
@@ -185,7 +190,7 @@ def _search(params: SearchParams) -> dict[str, str]:
             raise
         # Some images may have failed: check again with those that are usable.
         n_index, _ = check_split(catalog_ref.rows, params.split_ratio)
-        validate_k(params.k, n_index)
+        check_k(params.k, n_index, fix=MORE_IMAGES)
         show(catalog_ref, out, params.n_show, params.seed)
         split_ref = split(catalog_ref, out, params.split_ratio, params.seed)
         features = embed(catalog_ref, split_ref, out, spec)

@@ -32,7 +32,8 @@ from tasks.errors import ImageSearchError
 from tasks.features.content import EmbeddingStore
 from tasks.features.embed import forward_factory
 from tasks.layout import TEMP_PREFIX, knn_stage
-from tasks.search.backends import SearchRun, validate_k
+from tasks.search.backends import SearchRun
+from tasks.search.k import check_k as validate_k
 from tasks.search.shards import Shard, ShardResult, merge_topk, plan_shards, search_shard
 from tasks.sources.collection import Collection, Item, reopen
 from tasks.storage import RunFolder, atomic_path
