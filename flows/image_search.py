@@ -41,7 +41,8 @@ from tasks.cluster import search_features_sharded
 from tasks.compare import compare
 from tasks.errors import ImageSearchError, TransientNetworkError, param
 from tasks.features.embed import catalog, check_input_size, embed
-from tasks.features.model import weights_path
+from tasks.features.model import reuse_models, weights_path
+from tasks.features.serving import serving
 from tasks.report.evaluate import evaluate_task
 from tasks.report.report import report
 from tasks.report.samples import show
@@ -162,7 +163,7 @@ def _search(params: SearchParams) -> dict[str, str]:
     out = str(out_dir)
     run = RunFolder(out_dir)
     # One run at a time per output folder; a second one waits and says so.
-    with folder_lock(out_dir, "Output folder"):
+    with folder_lock(out_dir, "Output folder"), reuse_models():
         for orphan in run.clean_orphans():
             print(f"removed {orphan}, left behind by an interrupted run")
         if moved := run.recover():
@@ -194,6 +195,7 @@ def _search(params: SearchParams) -> dict[str, str]:
         show(catalog_ref, out, params.n_show, params.seed)
         split_ref = split(catalog_ref, out, params.split_ratio, params.seed)
         features = embed(catalog_ref, split_ref, out, spec)
+        serving(features, out, spec)  # what makes the index quick to ask
         # Backends run one after another: each gets every core, so the timings are honest.
         runs = [knn(features, out, name, params.k) for name in backends]
         if params.cluster is not None:  # a nested flow on the Dask task runner
