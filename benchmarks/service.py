@@ -53,53 +53,13 @@ def write_image(path: Path, side: int, seed: int) -> Path:
 
 def synthetic_index(folder: Path, n: int, input_size: int) -> Path:
     """An index folder of ``n`` random (n, 2048) ReLU features with the metadata a run with
-    random weights at ``input_size`` writes, and a catalog pointing at 16 generated images."""
-    from tasks.catalog import CATALOG_SCHEMA, write_catalog
-    from tasks.features import store
-    from tasks.features.model import DIM, ModelInfo
-    from tasks.layout import CATALOG_FILE
-    from tasks.layout import INDEX_FEATURES as FEATURES
+    random weights at ``input_size`` writes, a catalog pointing at 16 generated images, and
+    what a run writes for queries (the memory-mapped copy, the exported model)."""
+    from benchmarks.startup import write_index
     from tasks.types import ModelSpec
 
-    images = folder / "images"
-    images.mkdir(parents=True)
-    files = [str(write_image(images / f"img{i:02d}.png", 96, i)) for i in range(16)]
-    spec = ModelSpec("none", 0, "float32", input_size)
-    meta = {
-        **ModelInfo("none", "random initialisation", 0).metadata(input_size),
-        "model_key": spec.key(),
-        "input_size": input_size,
-        "split": "index",
-    }
-    rng = np.random.default_rng(0)
-
-    def chunks() -> Any:
-        for start in range(0, n, store.ROWS_PER_PART):
-            m = min(store.ROWS_PER_PART, n - start)
-            emb = np.maximum(rng.standard_normal((m, DIM), dtype=np.float32), 0)
-            yield store.table(np.arange(start, start + m, dtype=np.int64), emb)
-
-    store.write_tables(chunks(), folder / FEATURES, {**meta, "rows": n})
-    import pyarrow as pa
-
-    columns: dict[str, Any] = {
-        "image_id": np.arange(n, dtype=np.int64),
-        "uri": [files[i % len(files)] for i in range(n)],
-        "sha256": [f"{i:064x}" for i in range(n)],
-        "width": np.full(n, 96, dtype=np.int32),
-        "height": np.full(n, 96, dtype=np.int32),
-        "version": ["synthetic"] * n,
-    }
-    for name in CATALOG_SCHEMA.names:  # other columns (label, ...): unknown here
-        columns.setdefault(name, pa.nulls(n, CATALOG_SCHEMA.field(name).type))
-    table = pa.Table.from_pydict(columns, schema=CATALOG_SCHEMA)
-    collection = {"kind": "folder", "source": str(images), "limit": None}
-    write_catalog(
-        folder / CATALOG_FILE,
-        table,
-        {"collection": collection, "next_id": n, "model_key": spec.key(), "input_size": input_size},
-    )
-    return folder
+    key = ModelSpec("none", 0, "float32", input_size).key()
+    return write_index(folder, n, input_size, key, for_queries=True)
 
 
 def free_port() -> int:
@@ -226,13 +186,13 @@ COLD = """
 import json, time, sys
 t0 = time.perf_counter()
 import numpy as np
-from tasks.query import ask, load_forward, model_spec, open_index
+from tasks.ask import ask, load_forward, model_spec, open_index, query_sources
 t1 = time.perf_counter()
 index = open_index(sys.argv[1])
 t2 = time.perf_counter()
-forward = load_forward(model_spec(index.meta))
+forward = load_forward(model_spec(index.meta), index.model_file)
 t3 = time.perf_counter()
-ask(index, forward, [sys.argv[2]], 10)
+ask(index, forward, query_sources([sys.argv[2]]), 10)
 t4 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "index_load_s": t2 - t1, "model_s": t3 - t2,
                   "first_query_s": t4 - t3}))
@@ -354,7 +314,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "",
                 f"CLI cold start (input {size}, median of {cs['repeats']}): "
                 f"`image-search query` {cs['cli_wall_s']} s wall; imports {cs['import_s']} s, "
-                f"index load {cs['index_load_s']} s, model build {cs['model_s']} s, first "
+                f"index load {cs['index_load_s']} s, model load {cs['model_s']} s, first "
                 f"query {cs['first_query_s']} s.",
             ]
     return "\n".join(lines) + "\n"

@@ -41,13 +41,15 @@ from flows.reporting import failed, quiet_user_errors, separate_folders, show_ta
 from tasks import layout
 from tasks.catalog import check_error_rate
 from tasks.compare import compare
-from tasks.errors import ImageSearchError
+from tasks.errors import ImageSearchError, param
 from tasks.features.embed import catalog, check_input_size, embed
-from tasks.features.model import weights_path
+from tasks.features.model import reuse_models, weights_path
+from tasks.features.serving import serving
 from tasks.report.evaluate import evaluate_task
 from tasks.report.report import report
 from tasks.report.samples import show
-from tasks.search.backends import choose_backends, validate_k
+from tasks.search.backends import choose_backends
+from tasks.search.k import check_k
 from tasks.search.knn import knn, search_features
 from tasks.sources.collection import Request, open_source
 from tasks.sources.download import fetch_with_retries
@@ -115,13 +117,17 @@ def image_search(
         return failed(exc)
 
 
+# What else a run can change when k exceeds its index.
+MORE_IMAGES = f"or use more images ({param('limit')}) or a larger {param('split_ratio')}"
+
+
 def _search(params: SearchParams) -> dict[str, str]:
     """The stages of one run, wired; returns the paths of the outputs, keyed by name."""
     out_dir = ensure_writable_dir(Path(params.out).expanduser().resolve(), "Output folder")
     out = str(out_dir)
     run = RunFolder(out_dir)
     # One run at a time per output folder; a second one waits and says so.
-    with folder_lock(out_dir, "Output folder"):
+    with folder_lock(out_dir, "Output folder"), reuse_models():
         for orphan in run.clean_orphans():
             print(f"removed {orphan}, left behind by an interrupted run")
         if moved := run.recover():
@@ -148,7 +154,7 @@ def _search(params: SearchParams) -> dict[str, str]:
         # Configuration errors stop the run before anything is written: the listing bounds
         # how many images the catalog can hold.
         n_index, _ = check_split(len(collection.items()), params.split_ratio)
-        validate_k(params.k, n_index)
+        check_k(params.k, n_index, fix=MORE_IMAGES)
         # Every stage writes into the staging area; the outputs in place change only below.
         # Sharded over a Dask cluster when one is set; else in a task of this process.
         cluster = params.cluster
@@ -161,10 +167,11 @@ def _search(params: SearchParams) -> dict[str, str]:
             raise
         # Some images may have failed: check again with those that are usable.
         n_index, _ = check_split(catalog_ref.rows, params.split_ratio)
-        validate_k(params.k, n_index)
+        check_k(params.k, n_index, fix=MORE_IMAGES)
         show(catalog_ref, out, params.n_show, params.seed)
         split_ref = split(catalog_ref, out, params.split_ratio, params.seed)
         features = embed(catalog_ref, split_ref, out, spec)
+        serving(features, out, spec)  # what makes the index quick to ask
         # Backends run one after another: each gets every core, so the timings are honest.
         runs = [knn(features, out, name, params.k) for name in backends]
         if cluster is not None:  # one more backend: a nested flow on the Dask task runner

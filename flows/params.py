@@ -23,6 +23,7 @@ from pydantic import (
 
 from tasks.errors import param
 from tasks.search.backends import BACKEND_NAMES, BackendName
+from tasks.search.k import K
 from tasks.sources.stl10 import OFFICIAL_URL
 from tasks.storage import overlap
 
@@ -31,6 +32,7 @@ __all__ = [
     "DEFAULTS",
     "OFFICIAL_URL",
     "BackendName",
+    "K",
     "SearchParams",
     "format_validation_error",
     "overlap_message",
@@ -166,7 +168,6 @@ Cluster = Annotated[
     ),
     NoneWord,
 ]
-K = Annotated[int, _param("Neighbours per query.", ge=1, le=1000)]
 Tolerance = Annotated[
     float, _param("Largest absolute distance deviation from scikit-learn that still passes.", gt=0)
 ]

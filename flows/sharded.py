@@ -30,7 +30,8 @@ from tasks.features.shards import (
     write_item_plan,
 )
 from tasks.layout import TEMP_PREFIX
-from tasks.search.backends import SearchRun, validate_k
+from tasks.search.backends import SearchRun
+from tasks.search.k import check_k
 from tasks.search.knn import Searcher
 from tasks.search.shards import Shard, ShardResult, merge_topk, plan_shards, search_shard
 from tasks.sources.collection import Collection, Item
@@ -120,7 +121,7 @@ def run_sharded(
     setting = parse_cluster(cluster)
     t0 = time.perf_counter()
     rows = int(sum(s.rows for s in plan_shards(index_path, 1)))
-    validate_k(k, rows)
+    check_k(k, rows)
     load_s = time.perf_counter() - t0
     runner = task_runner(setting)
     n = n_shards if n_shards is not None else default_shards(setting)

@@ -1,32 +1,34 @@
-"""The HTTP app: ``POST /search`` (a multipart upload or JSON ``{"url": ...}``), ``GET
-/images/{id}``, ``GET /healthz`` and the page at ``/``.
+"""The HTTP app: ``POST /search`` (a multipart upload in field ``image``, or JSON ``{"url": ...}``),
+``GET /images/{id}`` (``?size=`` for a thumbnail), ``GET /healthz``, the page at ``/`` and the
+OpenAPI description at ``/docs``.
 
 Limits, each a clear 4xx/503 with a one-line ``detail``, the service staying up: request bodies
 over ``max_upload_bytes`` (413, refused before they are read when they say their length),
 images over ``max_pixels`` or Pillow's decompression-bomb limit (413), anything that is not an
-image (415), more than ``max_concurrency`` searches at once (503 with Retry-After).
+image (415), more than ``max_concurrency`` searches at once (503 with Retry-After), ``k`` above
+the operator's ``max_k`` (422; at most :data:`tasks.search.k.MAX_K`).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI reads the routes' annotations at run time,
+# and some name this app's own limits.
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from service.engine import Engine
-from service.page import PAGE
+from service.page import page as render_page
 from tasks.errors import ImageSearchError, TransientNetworkError
-from tasks.query import check_k
+from tasks.search.k import MAX_K, K
 from tasks.sources.http import FetchError, ResponseTooLarge, fetch_bytes
 from tasks.sources.images import BadImage, decode_image, open_image
 
@@ -37,7 +39,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-MAX_K = 100  # neighbours per request
+DEFAULT_K = 10
+DEFAULT_MAX_K = 100  # the operator's cap on neighbours per request, below MAX_K
+THUMB_SIZES = (16, 1024)  # smallest and largest ?size= of /images/ID
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,74 @@ class Limits:
     max_upload_bytes: int = 20 * 2**20
     max_pixels: int = 50_000_000  # a 48-megapixel photo passes; Pillow's own limit is 89 M
     max_concurrency: int = 16
+    max_k: int = DEFAULT_MAX_K
     url_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_k <= MAX_K:
+            raise ValueError(f"max_k = {self.max_k}; it must be 1 to {MAX_K}")
+
+
+class UrlQuery(BaseModel):
+    """A search for the image at an http(s) URL."""
+
+    url: str = Field(description="http:// or https:// URL of the query image.")
+    k: K | None = Field(None, description="Neighbours to return (default 10).")
+
+
+class NeighbourOut(BaseModel):
+    """One neighbour: rank 1 is the nearest; ``url`` shows the image (``?size=`` a tile)."""
+
+    rank: int
+    image_id: int
+    distance: float = Field(description="True Euclidean distance between the embeddings.")
+    uri: str
+    label: str | None
+    url: str
+
+
+class IndexOut(BaseModel):
+    images: int
+    model_key: str
+
+
+class Timings(BaseModel):
+    """Milliseconds per step of this request (embed and search: of the batch it was part of)."""
+
+    read: float
+    decode: float
+    embed: float
+    search: float
+    total: float
+
+
+class SearchOut(BaseModel):
+    """The nearest index images of one query image."""
+
+    query: str
+    k: int
+    index: IndexOut
+    neighbours: list[NeighbourOut]
+    timings_ms: Timings
+    batch: int = Field(description="Queries embedded and searched together with this one.")
+
+
+class HealthOut(BaseModel):
+    """The index answering now: ``degraded`` with the ``problem`` when a newer one in the
+    folder could not be loaded (or the folder vanished) and this one keeps answering."""
+
+    status: Literal["ok", "degraded"]
+    index: str
+    images: int
+    model_key: str
+    weights: str
+    input_size: int
+    features_from: str
+    loaded_at: float
+    identity: str
+    reloads: int
+    queued: int
+    problem: str | None
 
 
 def _too_large(limit: int) -> HTTPException:
@@ -131,35 +202,17 @@ async def _fetch(url: str, limits: Limits) -> bytes:
         raise HTTPException(422, f"Could not fetch the URL {url}.") from None
 
 
-async def _query_bytes(request: Request, limits: Limits) -> tuple[bytes, str, int | None]:
-    """(image bytes, its name, k from the body) of a multipart upload or a JSON body."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=4)
-        upload = form.get("image")
-        if upload is None:
-            upload = next((v for v in form.values() if isinstance(v, UploadFile)), None)
-        if not isinstance(upload, UploadFile):
-            raise HTTPException(422, "Upload the image as the multipart form field 'image'.")
-        k_field = form.get("k")
-        k = int(k_field) if isinstance(k_field, str) and k_field.isdigit() else None
-        return await upload.read(), upload.filename or "upload", k
-    if content_type == "application/json":
-        try:
-            body = json.loads(await request.body())
-        except ValueError as exc:
-            raise HTTPException(422, f"The JSON body does not parse ({exc}).") from exc
-        if not isinstance(body, dict) or not isinstance(body.get("url"), str):
-            raise HTTPException(422, 'Send JSON like {"url": "https://...", "k": 10}.')
-        k = body.get("k")
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool)):
-            raise HTTPException(422, f"k = {k!r}: give a whole number.")
-        return await _fetch(body["url"], limits), body["url"], k
-    raise HTTPException(
-        415,
-        f"Content-Type {content_type or 'missing'}: upload the image as multipart/form-data "
-        f'(field "image") or send JSON {{"url": ...}}.',
-    )
+def _one_line(exc: RequestValidationError | ValidationError) -> str:
+    """Validation errors as one line, each ``name = value: what is allowed``."""
+    parts = []
+    for err in exc.errors():
+        names = [str(p) for p in err["loc"] if p not in ("body", "query", "path")]
+        given = err.get("input")
+        shown = given if isinstance(given, str) else repr(given)
+        where = f"{names[-1]} = {shown}: " if names and not isinstance(given, dict) else ""
+        where = where or (f"{names[-1]}: " if names else "")
+        parts.append(f"{where}{err['msg']}")
+    return "; ".join(parts)
 
 
 def _decode(data: bytes, size: int, max_pixels: int) -> Any:
@@ -182,6 +235,7 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     """The service's ASGI app around ``engine`` (started and stopped with the app)."""
     limits = limits or Limits()
     busy = Busy(limits.max_concurrency)
+    k_doc = f"Neighbours to return (1 to {limits.max_k}; default {DEFAULT_K})."
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -191,26 +245,58 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
         finally:
             engine.stop()
 
-    app = FastAPI(title="image-search", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="image-search",
+        summary="Nearest images of an index, by exact Euclidean search of ResNet50 embeddings.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
 
     @app.exception_handler(ImageSearchError)
     async def user_error(request: Request, exc: ImageSearchError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
-    @app.get("/", response_class=HTMLResponse)
-    async def page() -> str:
-        return PAGE
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _one_line(exc)}, status_code=422)
 
-    @app.get("/healthz")
+    html = render_page(limits.max_k)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        return html
+
+    @app.get("/healthz", response_model=HealthOut)
     async def healthz() -> dict[str, Any]:
+        """The index answering now, its model, how often it was swapped, and any trouble."""
         return engine.health()
 
-    @app.get("/images/{image_id}")
-    async def image(image_id: int) -> Response:
+    @app.get(
+        "/images/{image_id}",
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}},
+    )
+    async def image(
+        image_id: int,
+        size: Annotated[
+            int | None,
+            Query(
+                ge=THUMB_SIZES[0],
+                le=THUMB_SIZES[1],
+                description="Side of a square thumbnail (JPEG) instead of the stored image.",
+            ),
+        ] = None,
+    ) -> Response:
+        """A result's image, as stored, or as a ``size``-pixel square thumbnail."""
         index = engine.loaded.index
         try:
-            data, media_type = await run_in_threadpool(index.image, image_id)
+            if size is None:
+                data, media_type = await run_in_threadpool(index.image, image_id)
+            else:
+                data = await run_in_threadpool(index.thumbnail, image_id, size)
+                media_type = "image/jpeg"
         except KeyError:
             raise HTTPException(
                 404, f"Image id {image_id} is not in the index ({len(index)} images)."
@@ -221,15 +307,51 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
             ) from exc
         return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
 
-    @app.post("/search")
-    async def search(request: Request, k: int | None = None) -> dict[str, Any]:
+    @app.post(
+        "/search",
+        response_model=SearchOut,
+        openapi_extra={
+            "requestBody": {
+                "content": {"application/json": {"schema": UrlQuery.model_json_schema()}}
+            }
+        },
+    )
+    async def search(
+        request: Request,
+        image: Annotated[
+            UploadFile | None, File(description="The query image (multipart upload).")
+        ] = None,
+        k_field: Annotated[int | None, Form(alias="k", ge=1, le=limits.max_k)] = None,
+        k: Annotated[int | None, Query(ge=1, le=limits.max_k, description=k_doc)] = None,
+    ) -> dict[str, Any]:
+        """The nearest index images of an uploaded image (multipart field ``image``) or of the
+        image at a URL (JSON ``{"url": ..., "k": ...}``). ``k`` as a query parameter wins over
+        one in the body."""
         started = time.perf_counter()
-        data, name, body_k = await _query_bytes(request, limits)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            if image is None:
+                raise HTTPException(422, "Upload the image as the multipart form field 'image'.")
+            data, name, body_k = await image.read(), image.filename or "upload", k_field
+        elif content_type == "application/json":
+            try:
+                body = UrlQuery.model_validate_json(await request.body())
+            except ValidationError as exc:
+                raise HTTPException(
+                    422, f'Send JSON like {{"url": "https://...", "k": 10}} ({_one_line(exc)}).'
+                ) from exc
+            if body.k is not None and body.k > limits.max_k:
+                raise HTTPException(422, f"k = {body.k}: ask for 1 to {limits.max_k} neighbours.")
+            data, name, body_k = await _fetch(body.url, limits), body.url, body.k
+        else:
+            raise HTTPException(
+                415,
+                f"Content-Type {content_type or 'missing'}: upload the image as "
+                f'multipart/form-data (field "image") or send JSON {{"url": ...}}.',
+            )
         loaded = engine.loaded  # this request's index and model, to the end
-        k = k if k is not None else body_k if body_k is not None else 10
-        if not 1 <= k <= MAX_K:
-            raise HTTPException(422, f"k = {k}: ask for 1 to {MAX_K} neighbours.")
-        k = check_k(min(k, len(loaded.index)), loaded.index)
+        k = k if k is not None else body_k if body_k is not None else DEFAULT_K
+        k = min(k, len(loaded.index))
         with busy:
             read = time.perf_counter()
             pixels = await run_in_threadpool(

@@ -22,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.errors import ImageSearchError
-from tasks.query import (
+from tasks.ask import (
     Forward,
     Index,
     Neighbour,
@@ -33,6 +32,7 @@ from tasks.query import (
     open_index,
     search,
 )
+from tasks.errors import ImageSearchError
 from tasks.types import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,15 @@ class Loaded:
     forward: Forward
 
 
+Build = Callable[[ModelSpec, Path | None], Forward]
+"""Makes the forward pass of a model spec, given the index's exported model (or None)."""
+
+
 def load(
     folder: Path,
     weights: str | None,
     previous: Loaded | None = None,
-    build: Callable[[ModelSpec], Forward] = load_forward,
+    build: Build = load_forward,
 ) -> Loaded:
     """Open the index in ``folder`` and check its model; the model of ``previous`` is kept when
     the index was built with the same one (same key), else ``build`` makes a new one."""
@@ -59,7 +63,7 @@ def load(
     spec = model_spec(index.meta, weights)
     if previous is not None and previous.index.model_key == index.model_key:
         return Loaded(index, spec, previous.forward)
-    forward = build(spec)
+    forward = build(spec, index.model_file)
     size = spec.input_size
     forward(np.zeros((1, size, size, 3), dtype=np.uint8))  # trace now, not on the first request
     return Loaded(index, spec, forward)
@@ -94,7 +98,7 @@ class Engine:
         weights: str | None = None,
         reload_interval: float = 2.0,
         max_batch: int = 8,
-        build: Callable[[ModelSpec], Forward] = load_forward,
+        build: Build = load_forward,
     ) -> None:
         self.folder = Path(folder).expanduser().resolve()
         self.weights = weights
@@ -238,6 +242,7 @@ class Engine:
             "model_key": index.model_key,
             "weights": loaded.spec.weights,
             "input_size": index.input_size,
+            "features_from": index.features_from,
             "loaded_at": index.loaded_at,
             "identity": index.identity,
             "reloads": self.reloads,

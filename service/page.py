@@ -4,7 +4,9 @@ elsewhere."""
 
 from __future__ import annotations
 
-PAGE = """<!doctype html>
+TILE = 288  # pixels of a result's thumbnail: 144 CSS pixels, sharp on 2x screens
+
+_PAGE = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -35,7 +37,7 @@ PAGE = """<!doctype html>
   <label>or an image URL <input id="url" type="url" size="50"
     placeholder="https://example.com/photo.jpg"></label>
   <button id="go-url">Search</button>
-  <label>neighbours <input id="k" type="number" min="1" max="100" value="10"></label>
+  <label>neighbours <input id="k" type="number" min="1" max="MAX_K" value="10"></label>
 </p>
 <div id="query"></div>
 <p id="status" data-testid="status"></p>
@@ -43,6 +45,7 @@ PAGE = """<!doctype html>
 <div id="results" data-testid="results"></div>
 <script>
 const $ = (id) => document.getElementById(id);
+const TILE = TILE_SIZE;
 
 async function describe() {
   try {
@@ -60,7 +63,7 @@ function show(answer) {
     const fig = document.createElement("figure");
     fig.className = "result";
     const img = document.createElement("img");
-    img.src = n.url;
+    img.src = `${n.url}?size=${TILE}`;  // a thumbnail, not the original
     img.alt = `image ${n.image_id}`;
     const cap = document.createElement("figcaption");
     cap.textContent = `#${n.rank}  distance ${n.distance.toFixed(4)}  id ${n.image_id}` +
@@ -85,14 +88,16 @@ async function ask(body, headers) {
     show(answer);
   } catch (e) {
     $("status").textContent = "";
+    $("query").replaceChildren();  // a refused upload leaves no broken preview behind
     $("error").textContent = String(e.message || e);
   }
 }
 
 function searchFile(file) {
   const preview = document.createElement("img");
-  preview.src = URL.createObjectURL(file);
   preview.alt = "query";
+  preview.addEventListener("error", () => preview.remove());  // not an image the browser shows
+  preview.src = URL.createObjectURL(file);
   $("query").replaceChildren(preview);
   const form = new FormData();
   form.append("image", file);
@@ -120,3 +125,8 @@ describe();
 </body>
 </html>
 """
+
+
+def page(max_k: int) -> str:
+    """The page, its neighbours field bounded by the service's ``max_k``."""
+    return _PAGE.replace("MAX_K", str(max_k)).replace("TILE_SIZE", str(TILE))

@@ -27,6 +27,13 @@ ERRORS_FILE = "errors.parquet"
 SAMPLES_FILE = "samples.png"
 SPLIT_FILE = "split.parquet"
 INDEX_FEATURES = f"{FEATURES_DIR}/index.parquet"
+# Copies of the index features for the query path, beside the Parquet file of record: the
+# embeddings as one (n, 2048) float32 matrix that readers memory-map, and per row the image id
+# and the half squared norm the exact search ranks with.
+INDEX_MATRIX = f"{FEATURES_DIR}/index.npy"
+INDEX_ROWS = f"{FEATURES_DIR}/index-rows.npy"
+# The index's model, exported once, that embeds queries without building it again.
+QUERY_MODEL = f"{FEATURES_DIR}/model.onnx"
 QUERY_FEATURES = f"{FEATURES_DIR}/query.parquet"
 NEIGHBORS_FILE = "neighbors.parquet"
 COMPARE_FILE = "compare.json"
@@ -63,6 +70,8 @@ CATALOG = StageLayout("catalog", (CATALOG_FILE, ERRORS_FILE))
 SAMPLES = StageLayout("samples", (SAMPLES_FILE,))
 SPLIT = StageLayout("split", (SPLIT_FILE,))
 EMBED = StageLayout("embed", (INDEX_FEATURES, QUERY_FEATURES))
+INDEX_COPY = StageLayout("index-copy", (INDEX_MATRIX, INDEX_ROWS))
+QUERY_MODEL_STAGE = StageLayout("query-model", (QUERY_MODEL,))
 COMPARE = StageLayout("compare", (COMPARE_FILE, NEIGHBORS_FILE))
 EVALUATE = StageLayout("evaluate", (DUPLICATES_FILE, GALLERY_FILE, QUALITY_FILE))
 RESULTS = StageLayout("results", (RESULTS_FILE,))
@@ -80,7 +89,7 @@ def record_of(stage: str) -> str:
 
 def run_stages(backends: Iterable[str]) -> list[str]:
     """Every stage of one batch run, in order: the set it commits when it has finished."""
-    before = [CATALOG, SAMPLES, SPLIT, EMBED]
+    before = [CATALOG, SAMPLES, SPLIT, EMBED, INDEX_COPY, QUERY_MODEL_STAGE]
     after = [COMPARE, EVALUATE, RESULTS]
     return (
         [s.name for s in before] + [knn_stage(b).name for b in backends] + [s.name for s in after]
@@ -103,5 +112,12 @@ RUN_OUTPUTS: dict[str, str] = {
 }
 
 # An index, as the query core reads it: the features of the index side and the catalog that
-# says where each image is, each with the record of the stage that wrote it.
+# says where each image is, each with the record of the stage that wrote it; then what a run
+# derives from them for fast answers, each read only when its record says it is derived from
+# the files above (else the query core falls back to them and says so).
 INDEX_FILES: dict[str, str] = {INDEX_FEATURES: EMBED.name, CATALOG_FILE: CATALOG.name}
+INDEX_DERIVED: dict[str, str] = {
+    INDEX_MATRIX: INDEX_COPY.name,
+    INDEX_ROWS: INDEX_COPY.name,
+    QUERY_MODEL: QUERY_MODEL_STAGE.name,
+}

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import _run_environment, main, parse
+from flows.cli import main, parse
+from flows.cli.environment import command_environment
 from flows.local_api import DEFAULT_STARTUP_TIMEOUT, startup_timeout
 from flows.params import SearchParams
 from tasks.errors import option_name
@@ -82,6 +83,23 @@ def test_bad_parameters_exit_2_without_traceback(
     assert "Traceback" not in err
 
 
+def test_top_level_help_describes_each_command(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    described = {
+        words[0]: " ".join(words[1:])
+        for line in out.splitlines()
+        if (words := line.split()) and words[0] in ("run", "query", "serve")
+    }
+    assert set(described) == {"run", "query", "serve"}
+    assert "Index a collection" in described["run"]
+    assert "nearest indexed images" in described["query"]
+    assert "over HTTP" in described["serve"]
+
+
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "choose a command: run" in capsys.readouterr().err
@@ -106,6 +124,7 @@ def test_none_words_and_comma_separated_lists() -> None:
     assert parse(["run", "--k", "5", "--k", "7", "--traceback"]).model_dump() == {
         **SearchParams(k=7).model_dump(),
         "traceback": True,
+        "verbose": False,
     }
 
 
@@ -114,7 +133,9 @@ def test_environment_variables_named_like_parameters_change_nothing(
 ) -> None:
     for name in ("k", "out", "limit", "source", "run"):
         monkeypatch.setenv(name, "9")
-    assert parse(["run"]).model_dump(exclude={"traceback"}) == SearchParams().model_dump()
+    assert (
+        parse(["run"]).model_dump(exclude={"traceback", "verbose"}) == SearchParams().model_dump()
+    )
 
 
 @pytest.mark.parametrize(
@@ -129,7 +150,7 @@ def test_pure_function_loggers_are_added_to_prefects(
         monkeypatch.delenv(name, raising=False)
     else:
         monkeypatch.setenv(name, before)
-    with _run_environment():
+    with command_environment(verbose=False):
         assert os.environ[name] == during
     assert os.environ.get(name) == before
 

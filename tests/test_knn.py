@@ -16,8 +16,8 @@ from tasks.search.backends import (
     make_backend,
     run_backend,
     to_euclidean,
-    validate_k,
 )
+from tasks.search.k import check_k as validate_k
 from tasks.search.knn import load_neighbors, search_features
 from tasks.storage import RunFolder
 from tasks.types import DataRef, Features

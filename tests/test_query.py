@@ -1,13 +1,18 @@
 """Asking an index: an index image queried by its own file finds itself at distance 0 with the
 same neighbours as the batch run's features give; the command line's table, JSON and picture;
-a clear refusal of a missing index, another model, a non-image, a k the index cannot give."""
+a clear refusal of a missing index, another model, a non-image, a k the index cannot give; the
+memory-mapped copy and the exported model stand in for the files of record only while they
+match them."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
 import shutil
-from collections.abc import Iterator
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,21 +21,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tasks.query
 from flows.cli import main
+from tasks.ask import Index, ask, model_spec, open_index, query_sources
 from tasks.errors import ImageSearchError
 from tasks.features import store
 from tasks.layout import INDEX_FEATURES as FEATURES
-from tasks.query import (
-    Index,
-    answer_rows,
-    ask,
-    model_spec,
-    open_index,
-    picture,
-    query_sources,
-)
+from tasks.report.answers import answer_rows, picture
 from tasks.search.exact import exact_knn
+from tasks.sources.images import BadImage
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Far below the distance between two different generated images (tens), far above the float32
 # difference between a batch of 32 and a batch of one through the same network (~1e-4).
@@ -57,26 +57,45 @@ def write_images(folder: Path, n: int, start: int = 0) -> list[Path]:
     return paths
 
 
-def build_index(images: Path, out: Path, random_resnet: Any) -> None:
+def build_index(
+    images: Path,
+    out: Path,
+    random_resnet: Any,
+    *,
+    weights: str = "none",
+    input_size: int = 96,
+    split_ratio: float = 0.9,
+    serving: bool = True,
+    reuse_model: bool = True,
+) -> None:
     """An index of the images in ``images`` in ``out``, built by the batch run's own stages,
-    with the session's random ResNet50."""
+    with the session's random ResNet50 (``reuse_model``; else the model ``weights`` names,
+    built); ``serving``: with the memory-mapped copy and the exported model, as a run writes
+    them."""
     import tasks.features.embed
+    import tasks.features.serving
     from tasks.features.embed import assemble_features, catalog_collection
+    from tasks.layout import run_stages
     from tasks.sources.collection import open_collection
     from tasks.split import split_dataset
     from tasks.storage import RunFolder
     from tasks.types import ModelSpec
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tasks.features.embed, "build_model", lambda *a, **kw: random_resnet)
+        for module in (tasks.features.embed, tasks.features.serving):
+            if reuse_model:
+                mp.setattr(module, "build_model", lambda *a, **kw: random_resnet)
         run = RunFolder(out)
-        spec = ModelSpec("none", 0, "float32", 96)
+        spec = ModelSpec(weights, 0, "float32", input_size)
         cat = catalog_collection(
             open_collection(str(images)), run, spec, batch_size=32, progress=False
         )
-        sp = split_dataset(cat, run, 0.9, 0)
-        assemble_features(cat, sp, run, spec)
-        run.commit(["catalog", "split", "embed"])
+        sp = split_dataset(cat, run, split_ratio, 0)
+        features = assemble_features(cat, sp, run, spec)
+        if serving:
+            tasks.features.serving.index_copy(features, run)
+            tasks.features.serving.query_model(spec, run, spec.key())
+        run.commit(run_stages([]))
 
 
 @dataclass
@@ -116,23 +135,20 @@ def built(tmp_path_factory: pytest.TempPathFactory, random_resnet: Any) -> Built
 
 @pytest.fixture(scope="session")
 def random_forward(random_resnet: Any) -> Any:
+    """The batch run's forward pass (TensorFlow) of the session's random ResNet50."""
     from tasks.features.model import make_forward
 
     return make_forward(random_resnet[0])
 
 
-@pytest.fixture
-def reuse_forward(random_forward: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The query path's model is the session's random ResNet50 (built once, traced once)."""
-    original = tasks.query.load_forward
+@pytest.fixture(scope="session")
+def fast_forward(built: Built) -> Any:
+    """The query path's forward pass: the index's exported model."""
+    from tasks.ask import load_forward
 
-    def load(spec: Any) -> Any:
-        if (spec.weights, spec.seed, spec.precision) == ("none", 0, "float32"):
-            return random_forward
-        return original(spec)
-
-    monkeypatch.setattr(tasks.query, "load_forward", load)
-    yield
+    index = open_index(built.out)
+    assert index.model_file is not None
+    return load_forward(model_spec(index.meta), index.model_file)
 
 
 def stored_neighbours(out: Path, image_id: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,12 +160,13 @@ def stored_neighbours(out: Path, image_id: int, k: int) -> tuple[np.ndarray, np.
 
 
 def test_index_image_finds_itself_with_the_batch_runs_neighbours(
-    built: Built, random_forward: Any
+    built: Built, fast_forward: Any
 ) -> None:
     index = open_index(built.out)
     assert len(index) == len(built.files) == 22  # 24 images, 9:1 (rounded up)
+    assert index.features_from == "features/index.npy" and index.model_file is not None
     chosen = built.some(4)
-    answers = ask(index, random_forward, [str(p) for _, p in chosen], k=5)
+    answers = ask(index, fast_forward, query_sources([str(p) for _, p in chosen]), k=5)
     for (image_id, path), answer in zip(chosen, answers, strict=True):
         assert answer.error is None and answer.query == str(path)
         got = answer.neighbours
@@ -182,7 +199,7 @@ def test_index_holds_what_the_run_wrote_and_loads_in_place(built: Built) -> None
 
 
 def test_cli_table_json_and_picture(
-    built: Built, reuse_forward: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    built: Built, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (a, pa), (b, pb) = built.some(2)
     pic = tmp_path / "neighbours.png"
@@ -208,7 +225,7 @@ def test_cli_table_json_and_picture(
 
 
 def test_cli_folder_answers_each_image_and_names_the_bad_ones(
-    built: Built, reuse_forward: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    built: Built, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     queries = tmp_path / "queries"
     queries.mkdir()
@@ -231,7 +248,8 @@ def test_cli_folder_answers_each_image_and_names_the_bad_ones(
     ("args", "message"),
     [
         (["--k", "0"], "--k = 0: Input should be greater than or equal to 1"),
-        (["--k", "50"], "k = 50, but the index in"),
+        (["--k", "50"], "Expected k <= n_index, but n_index = 22, k = 50: the index in"),
+        (["--k", "1001"], "--k = 1001: Input should be less than or equal to 1000"),
         (["--weights", "imagenet"], "--weights imagenet differs from the weights the index"),
     ],
 )
@@ -241,12 +259,12 @@ def test_cli_refuses_what_the_index_cannot_answer(
     path = built.some(1)[0][1]
     code = main(["query", str(path), "--index", str(built.out), *args])
     err = capsys.readouterr().err
-    assert code == (2 if args[1] == "0" else 1)
+    assert code == (2 if args[1] in ("0", "1001") else 1)
     assert message in err and "Traceback" not in err
 
 
 def test_cli_refuses_missing_index_and_missing_or_non_image_query(
-    built: Built, reuse_forward: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    built: Built, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = built.some(1)[0][1]
     assert main(["query", str(path), "--index", str(tmp_path / "nowhere")]) == 1
@@ -257,8 +275,14 @@ def test_cli_refuses_missing_index_and_missing_or_non_image_query(
     assert main(["query", str(path), "--index", str(built.images)]) == 1
     assert f"{built.images} holds no {FEATURES}" in capsys.readouterr().err
 
-    assert main(["query", str(tmp_path / "gone.jpg"), "--index", str(built.out)]) == 1
-    assert f"Query image '{tmp_path / 'gone.jpg'}': no such file" in capsys.readouterr().err
+    gone = tmp_path / "gone.jpg"
+    assert main(["query", str(gone), str(path), "--index", str(built.out), "--json"]) == 1
+    out, err = capsys.readouterr()
+    rows = json.loads(out)  # the missing one is named, the other one answered
+    assert rows[0] == {"query": str(gone), "rank": None, "error": rows[0]["error"]}
+    assert rows[1]["query"] == str(path) and rows[1]["distance"] < SELF
+    assert f"{gone}: no such file or folder" in err
+    assert "1 of 2 query images could not be used" in err
 
     text = tmp_path / "text.jpg"
     text.write_text("hello")
@@ -311,15 +335,19 @@ def test_a_folder_mid_update_is_named_not_half_read(built: Built, tmp_path: Path
 
 
 def test_query_sources_lists_folders_and_keeps_urls(built: Built, tmp_path: Path) -> None:
+    def named(sources: list[str]) -> list[tuple[str, str | None]]:
+        return [(a.query, a.error) for a in query_sources(sources)]
+
     files = sorted(str(p) for p in built.images.iterdir())
-    assert query_sources([str(built.images)]) == files
-    assert query_sources(["https://example.com/a.jpg", files[0]]) == [
-        "https://example.com/a.jpg",
-        files[0],
+    assert named([str(built.images)]) == [(f, None) for f in files]
+    assert named(["https://example.com/a.jpg", files[0]]) == [
+        ("https://example.com/a.jpg", None),
+        (files[0], None),
     ]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ImageSearchError, match="holds no images"):
-        query_sources([str(tmp_path / "empty")])
+    ((query, problem),) = named([str(tmp_path / "empty")])
+    assert query == str(tmp_path / "empty") and problem is not None
+    assert problem.startswith("a folder without images")
 
 
 def test_answers_from_urls_and_the_picture(
@@ -329,9 +357,8 @@ def test_answers_from_urls_and_the_picture(
     http_server.files["/q.png"] = path.read_bytes()
     http_server.fail_status["/gone.png"] = [404]
     index: Index = open_index(built.out)
-    answers = ask(
-        index, random_forward, [http_server.url("/q.png"), http_server.url("/gone.png")], 2
-    )
+    urls = [http_server.url("/q.png"), http_server.url("/gone.png")]
+    answers = ask(index, random_forward, query_sources(urls), 2)
     assert answers[0].neighbours[0].image_id == image_id
     assert answers[1].error is not None and "HTTP 404" in answers[1].error
     rows = answer_rows(answers)
@@ -341,9 +368,7 @@ def test_answers_from_urls_and_the_picture(
 
 
 @pytest.mark.slow
-def test_query_flow_shows_a_picture_and_a_table(
-    built: Built, reuse_forward: None, prefect_harness: None
-) -> None:
+def test_query_flow_shows_a_picture_and_a_table(built: Built, prefect_harness: None) -> None:
     from prefect.client.orchestration import get_client
 
     from flows.query import image_search_query
@@ -363,3 +388,216 @@ def test_query_flow_shows_a_picture_and_a_table(
     found = asyncio.run(artifacts())
     assert "data:image/jpeg;base64," in found["query-neighbours"]
     assert str(path) in found["query-results"]
+
+
+# -- the query core's own files: the memory-mapped copy, the exported model -----------------
+
+
+def test_the_copy_holds_the_parquet_features_and_the_searchs_norms(built: Built) -> None:
+    from tasks.search.exact import prepare_index
+
+    index = open_index(built.out)
+    ids, emb = store.load_features(built.out / FEATURES)
+    reference = prepare_index(emb)
+    assert index.features_from == "features/index.npy"
+    assert isinstance(index.prepared.data.base, np.memmap)  # mapped, not read
+    np.testing.assert_array_equal(index.ids, ids)
+    np.testing.assert_array_equal(index.prepared.data, reference.data)
+    np.testing.assert_array_equal(index.prepared.half_sq_norms, reference.half_sq_norms)
+    assert index.prepared.max_norm == reference.max_norm
+
+
+def test_a_copy_that_does_not_match_is_not_used_and_the_reason_is_logged(
+    built: Built, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "stale"
+    shutil.copytree(built.out, folder, ignore=shutil.ignore_patterns(".embeddings"))
+    record = folder / ".state" / "index-copy.json"
+    info = json.loads(record.read_text())
+    info["info"]["source"] = {FEATURES: "0" * 64}  # made from other features
+    record.write_text(json.dumps(info))
+    with caplog.at_level("INFO", logger="tasks.ask"):
+        index = open_index(folder)
+    assert index.features_from == FEATURES
+    assert "not its memory-mapped copy: stage index-copy made them from other files" in caplog.text
+    np.testing.assert_array_equal(index.prepared.data, open_index(built.out).prepared.data)
+
+    for rel in ("features/index.npy", "features/index-rows.npy", ".state/index-copy.json"):
+        (folder / rel).unlink()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tasks.ask"):
+        assert open_index(folder).features_from == FEATURES
+    assert "no record of stage index-copy" in caplog.text
+
+
+def test_an_exported_model_of_another_model_is_not_used(
+    built: Built, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "other-model"
+    shutil.copytree(built.out, folder, ignore=shutil.ignore_patterns(".embeddings"))
+    record = folder / ".state" / "query-model.json"
+    info = json.loads(record.read_text())
+    info["info"]["source"] = {"model_key": "0123456789abcdef"}
+    record.write_text(json.dumps(info))
+    with caplog.at_level("INFO", logger="tasks.ask"):
+        assert open_index(folder).model_file is None
+    assert "no exported model for this index (stage query-model made them" in caplog.text
+
+
+def test_thumbnails_and_images_come_from_the_indexed_bytes(built: Built, tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    shutil.copytree(built.images, folder)
+    out = tmp_path / "out"
+    shutil.copytree(built.out, out, ignore=shutil.ignore_patterns(".embeddings"))
+    index = open_index(out)
+    image_id, path = built.some(1)[0]
+    with Image.open(io.BytesIO(index.thumbnail(image_id, 48))) as thumb:
+        assert (thumb.format, thumb.size) == ("JPEG", (48, 48))
+    path.write_bytes(path.read_bytes() + b"changed")  # not the content that was indexed
+    try:
+        with pytest.raises(BadImage, match="changed since the index was built"):
+            index.thumbnail(image_id, 48)
+        with pytest.raises(BadImage, match="changed since the index was built"):
+            index.image(image_id)
+    finally:
+        path.write_bytes(path.read_bytes()[: -len(b"changed")])
+
+
+def test_picture_into_a_folder_is_a_clear_error(
+    built: Built, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = built.some(1)[0][1]
+    assert main(["query", str(path), "--index", str(built.out), "--picture", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"--picture {tmp_path} is a folder; give the PNG file to write" in err
+    assert "unexpected" not in err and "Traceback" not in err
+
+
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code``."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+        timeout=120,
+    )
+    return set(json.loads(done.stdout.splitlines()[-1]))
+
+
+def _heavy(modules: set[str], *names: str) -> list[str]:
+    return sorted(m for m in modules if any(m == n or m.startswith(n + ".") for n in names))
+
+
+def test_the_query_core_and_the_service_engine_import_neither_prefect_nor_tensorflow() -> None:
+    modules = _modules_after("import tasks.ask, service.engine, service.app, flows.cli.ask")
+    assert {"tasks.ask", "service.engine"} <= modules
+    assert _heavy(modules, "prefect", "tensorflow", "keras") == []
+
+
+def test_help_imports_neither_tensorflow_nor_prefects_server() -> None:
+    for args in ([], ["query"], ["serve"], ["run"]):
+        code = f"from flows.cli import main\nmain([*{args!r}, '--help'])"
+        modules = _modules_after(code)
+        assert _heavy(modules, "tensorflow", "keras", "prefect.server") == [], args
+        assert _heavy(modules, "prefect") == [], args
+
+
+# Largest relative difference between an embedding through the exported model (onnxruntime,
+# batch normalisation folded) and the batch run's (TensorFlow); measured ~1e-6.
+FAST_RTOL = 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("input_size", [96, 224])
+@pytest.mark.parametrize("weights", ["none", "file"])
+def test_the_fast_path_gives_the_index_features(
+    weights: str, input_size: int, tmp_path: Path, random_resnet: Any
+) -> None:
+    """Every index image, asked through the exported model, finds itself at rank 1, and its
+    embedding is the batch run's within FAST_RTOL: for random weights and for a weights file
+    (the random model's, saved: ImageNet's stand-in), at both input sizes."""
+    from tasks.ask import load_forward
+    from tasks.sources.images import decode_image
+
+    given = "none"
+    if weights == "file":
+        given = str(tmp_path / "resnet50.weights.h5")
+        random_resnet[0].save_weights(given)
+    write_images(tmp_path / "images", 10)
+    build_index(
+        tmp_path / "images",
+        tmp_path / "out",
+        random_resnet,
+        weights=given,
+        input_size=input_size,
+        reuse_model=weights == "none",
+    )
+    index = open_index(tmp_path / "out")
+    assert index.model_file is not None and index.input_size == input_size
+    assert index.meta["weights"] == given
+    forward = load_forward(model_spec(index.meta), index.model_file)
+    files = describe(tmp_path / "out")
+    answers = ask(index, forward, query_sources([str(p) for p in files.values()]), 2)
+    for (image_id, path), answer in zip(files.items(), answers, strict=True):
+        pos = index.position(image_id)
+        assert pos is not None
+        stored = index.prepared.data[pos]
+        fast = forward(decode_image(path.read_bytes(), input_size).pixels[None])[0]
+        scale = float(np.linalg.norm(stored))
+        assert np.linalg.norm(fast - stored) <= FAST_RTOL * scale, path
+        nearest = answer.neighbours[0]
+        assert (nearest.image_id, nearest.rank) == (image_id, 1)
+        assert nearest.distance <= FAST_RTOL * scale
+        assert answer.neighbours[1].distance > 1e3 * FAST_RTOL * scale
+
+
+# What TensorFlow, absl and CUDA print while TensorFlow starts on a machine without a GPU.
+CHATTER = re.compile(r"cudart_stub|cuInit|oneDNN|absl::InitializeLog|cpu_feature_guard|cuda")
+
+
+def _query_process(built: Built, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``image-search query`` as a user runs it (TensorFlow's log level unset); it says on
+    stderr whether TensorFlow was imported."""
+    code = (
+        "import sys\nfrom flows.cli import main\nrc = main(sys.argv[1:])\n"
+        "print('tensorflow imported' if 'tensorflow' in sys.modules else 'no tensorflow', "
+        "file=sys.stderr)\nsys.exit(rc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    path = built.some(1)[0][1]
+    return subprocess.run(
+        [sys.executable, "-c", code, "query", str(path), "--index", str(out), *extra],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_query_starts_quietly_and_says_where_it_runs(built: Built, tmp_path: Path) -> None:
+    fast = _query_process(built, built.out)
+    assert fast.returncode == 0, fast.stderr
+    assert "no tensorflow" in fast.stderr and not CHATTER.search(fast.stderr), fast.stderr
+    assert "exported model (onnxruntime, CPU)" in fast.stderr
+
+    folder = tmp_path / "no-model"
+    shutil.copytree(built.out, folder, ignore=shutil.ignore_patterns(".embeddings"))
+    (folder / "features" / "model.onnx").unlink()
+    (folder / ".state" / "query-model.json").unlink()
+    slow = _query_process(built, folder)
+    assert slow.returncode == 0, slow.stderr
+    assert "tensorflow imported" in slow.stderr
+    assert not CHATTER.search(slow.stderr), slow.stderr
+    lines = [line for line in slow.stderr.splitlines() if "running on the CPU" in line]
+    assert lines == [
+        "image-search: embedding queries with ResNet50 in TensorFlow: no GPU visible to "
+        "TensorFlow: running on the CPU"
+    ]
+    assert slow.stdout.splitlines()[2].split()[0] == "1"  # answered all the same
+
+    verbose = _query_process(built, folder, "--verbose")
+    assert verbose.returncode == 0 and CHATTER.search(verbose.stderr), verbose.stderr

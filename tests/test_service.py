@@ -126,7 +126,10 @@ def service(tmp_path_factory: pytest.TempPathFactory, index: Built) -> Iterator[
     running.proc.send_signal(signal.SIGTERM)
     assert running.proc.wait(timeout=60) == 128 + signal.SIGTERM
     log = running.log.read_text()
-    assert "terminated" in log and "Traceback" not in log
+    assert log.rstrip().endswith(
+        "image-search: stopped (SIGTERM); requests in flight were answered."
+    )
+    assert "error" not in log and "Traceback" not in log
 
 
 def upload(client: httpx.Client, data: bytes, name: str = "q.png", k: int = 5) -> httpx.Response:
@@ -213,9 +216,33 @@ def test_images_are_served_by_id_and_unknown_ids_are_404(service: Service, index
             "Content-Type text/plain",
         ),
         (lambda c: c.post("/search", json={"link": "x"}), 422, 'Send JSON like {"url"'),
-        (lambda c: upload(c, png(32, 32), k=0), 422, "k = 0: ask for 1 to 100"),
+        (lambda c: upload(c, png(32, 32), k=0), 422, "k = 0: Input should be greater than or"),
+        (lambda c: upload(c, png(32, 32), k=101), 422, "k = 101: Input should be less than or"),
+        (
+            lambda c: c.post("/search", json={"url": "http://127.0.0.1:9/x.png", "k": 101}),
+            422,
+            "k = 101: ask for 1 to 100 neighbours",
+        ),
+        (
+            lambda c: c.post("/search", files={"image": ("a.png", png(32, 32))}, data={"k": "x"}),
+            422,
+            "k = x: Input should be a valid integer",
+        ),
     ],
-    ids=["text", "empty", "tiny", "bomb", "oversized", "no-file", "content-type", "json", "k"],
+    ids=[
+        "text",
+        "empty",
+        "tiny",
+        "bomb",
+        "oversized",
+        "no-file",
+        "content-type",
+        "json",
+        "k",
+        "k-above-cap",
+        "json-k-above-cap",
+        "form-k",
+    ],
 )
 def test_bad_input_is_a_clear_4xx_and_the_service_stays_up(
     service: Service, index: Built, send: Any, status: int, message: str
@@ -230,20 +257,47 @@ def test_bad_input_is_a_clear_4xx_and_the_service_stays_up(
         assert good.status_code == 200 and good.json()["neighbours"][0]["image_id"] == image_id
 
 
-def test_healthz_and_page(service: Service, index: Built) -> None:
+def test_healthz_page_and_api_description(service: Service, index: Built) -> None:
     with service.client() as client:
         health = client.get("/healthz").json()
         page = client.get("/")
+        docs = client.get("/docs")
+        api = client.get("/openapi.json").json()
     assert health["images"] == len(index.files) and health["input_size"] == 96
     assert health["weights"] == "none" and health["problem"] is None
     assert health["index"] == str(service.folder)
+    assert health["features_from"] == "features/index.npy"  # memory-mapped, not read
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'type="file"' in page.text and "/search" in page.text
+    assert 'max="100"' in page.text and "?size=" in page.text
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+    search = api["paths"]["/search"]["post"]
+    assert set(search["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    answer = search["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer == {"$ref": "#/components/schemas/SearchOut"}
+    assert {"SearchOut", "NeighbourOut", "HealthOut"} <= set(api["components"]["schemas"])
+    by_url = search["requestBody"]["content"]["application/json"]["schema"]
+    assert by_url["required"] == ["url"] and set(by_url["properties"]) == {"url", "k"}
+    k = next(p for p in search["parameters"] if p["name"] == "k")
+    assert (k["in"], k["schema"]["anyOf"][0]["maximum"]) == ("query", 100)
+
+
+def test_tiles_are_thumbnails_of_the_indexed_image(service: Service, index: Built) -> None:
+    image_id, path = index.some(1)[0]
+    with service.client() as client:
+        tile = client.get(f"/images/{image_id}?size=144")
+        assert tile.status_code == 200 and tile.headers["content-type"] == "image/jpeg"
+        with Image.open(io.BytesIO(tile.content)) as img:
+            assert img.size == (144, 144)
+        assert len(tile.content) < path.stat().st_size * 4  # a tile, whatever the original
+        too_small = client.get(f"/images/{image_id}?size=4")
+        assert too_small.status_code == 422
+        assert too_small.json()["detail"] == "size = 4: Input should be greater than or equal to 16"
 
 
 def commit_into(src: Path, dest: Path) -> None:
-    """Move a finished index into ``dest`` the way a run commits: each file by rename, the
-    catalog's outputs and record first, then the features and their record."""
+    """Move a finished index into ``dest`` the way a run commits: each file by rename, stage
+    by stage in the order of their names, each stage's outputs before its record."""
     incoming = dest / ".incoming"
     shutil.copytree(src, incoming, ignore=shutil.ignore_patterns(".embeddings", ".staging"))
     for rel in (
@@ -253,6 +307,11 @@ def commit_into(src: Path, dest: Path) -> None:
         FEATURES,
         "features/query.parquet",
         ".state/embed.json",
+        "features/index.npy",
+        "features/index-rows.npy",
+        ".state/index-copy.json",
+        "features/model.onnx",
+        ".state/query-model.json",
     ):
         os.replace(incoming / rel, dest / rel)
     shutil.rmtree(incoming)
@@ -337,7 +396,9 @@ def test_refuses_to_start_without_an_index_on_a_taken_port_or_with_another_model
 
 @pytest.fixture
 def engine(index: Built, tmp_path: Path, random_forward: Any) -> Iterator[Engine]:
-    running = Engine(copy_index(index.out, tmp_path / "index"), build=lambda spec: random_forward)
+    running = Engine(
+        copy_index(index.out, tmp_path / "index"), build=lambda spec, exported: random_forward
+    )
     running.start()
     yield running
     running.stop()
@@ -399,7 +460,7 @@ def test_saturated_service_answers_503_and_chunked_bodies_are_limited(
             assert release.wait(60)
         return np.asarray(random_forward(pixels))
 
-    engine = Engine(copy_index(index.out, tmp_path / "index"), build=lambda spec: gated)
+    engine = Engine(copy_index(index.out, tmp_path / "index"), build=lambda spec, exported: gated)
     armed.set()
     app = create_app(engine, Limits(max_upload_bytes=10_000, max_concurrency=1))
     image = png(32, 32)

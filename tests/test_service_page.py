@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_query import Built
+from tests.test_query import SELF, Built
 from tests.test_service import Service, copy_index, start_service
 from tests.test_service import index as index  # the shared index fixture
 
@@ -71,14 +71,16 @@ def test_pick_an_image_and_see_its_neighbours(page: Any, index: Built) -> None:
     figures.nth(3).wait_for(timeout=60_000)
     assert figures.count() == 4
     first = figures.nth(0).locator("figcaption").inner_text()
-    assert first.split()[:5] == ["#1", "distance", "0.0000", "id", str(image_id)]
+    rank, word, distance, id_word, shown_id = first.split()[:5]
+    assert [rank, word, id_word, shown_id] == ["#1", "distance", "id", str(image_id)]
+    assert float(distance) < SELF  # itself, up to the query path's float32 rounding
     assert first.split()[-1] == str(path)
-    # Every thumbnail was fetched from /images/ID and decoded by the browser.
-    widths = page.eval_on_selector_all(
+    # Every tile is a thumbnail fetched from /images/ID?size= and decoded by the browser.
+    tiles = page.eval_on_selector_all(
         "[data-testid=results] img",
-        "imgs => Promise.all(imgs.map(i => i.decode().then(() => i.naturalWidth)))",
+        "imgs => Promise.all(imgs.map(i => i.decode().then(() => [i.naturalWidth, i.src])))",
     )
-    assert len(widths) == 4 and all(w > 0 for w in widths)
+    assert len(tiles) == 4 and all(width == 288 and "?size=288" in src for width, src in tiles)
     assert page.locator("#query img").count() == 1
     assert "neighbours in" in page.inner_text("[data-testid=status]")
     page.screenshot(path=str(SCREENSHOTS / "neighbours.png"), full_page=True)
@@ -92,3 +94,4 @@ def test_a_non_image_shows_the_services_message(page: Any, tmp_path: Path) -> No
     error.get_by_text("Not usable as an image").wait_for(timeout=30_000)
     assert "not an image Pillow can identify" in error.inner_text()
     assert page.locator("[data-testid=results] figure").count() == 0
+    assert page.locator("#query img").count() == 0  # no broken preview of the refused file

@@ -5,10 +5,14 @@ embedding and queries share."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import subprocess
+import sys
+import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +37,59 @@ def keras_weights_path() -> Path:
     return Path(home) / "models" / WEIGHTS_FILE
 
 
-def _quiet_tensorflow() -> None:
-    """Keep TensorFlow's C++ start-up chatter out of the run log unless the user asked for it."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+VERBOSE_SETTING = "IMAGE_SEARCH_VERBOSE"
+# What TensorFlow, absl and CUDA print from C++ while TensorFlow loads on a machine without a
+# GPU: glog-style lines ("I0000 00:00:... cudart_stub.cc ...", "E0000 ... cuInit"), absl's
+# notice about its log, and the CPU-instructions advice that follows one of them.
+_CHATTER = re.compile(
+    rb"^(?:[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ |WARNING: All log messages before absl"
+    rb"|To enable the following instructions:|.*(?:cuda|cuInit|oneDNN|TensorRT))",
+    re.IGNORECASE,
+)
+
+
+def verbose() -> bool:
+    """Whether the user asked to see TensorFlow's own start-up lines (``--verbose``)."""
+    return os.environ.get(VERBOSE_SETTING, "").strip().lower() in ("1", "true", "yes")
+
+
+@contextlib.contextmanager
+def _without_native_chatter() -> Iterator[None]:
+    """Catch what native code writes to file descriptor 2 meanwhile and pass on every line that
+    is not TensorFlow's start-up chatter (Python's own writes included, in their order)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().splitlines(True) if not _CHATTER.match(line)]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
+def import_tensorflow() -> Any:
+    """TensorFlow and Keras, imported once; without their C++ start-up lines (CUDA stubs,
+    cuInit, oneDNN, absl) unless :func:`verbose`, since they begin before Python logging."""
+    if "tensorflow" in sys.modules and "keras" in sys.modules:
+        return sys.modules["tensorflow"]
+    if verbose():
+        import keras
+        import tensorflow as tf
+
+        return tf
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with _without_native_chatter():
+        import keras  # noqa: F401
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")  # CUDA's probe (cuInit) prints here, once
+    return tf
 
 
 def configure_gpu_memory(fraction: float | None) -> str:
@@ -44,9 +98,7 @@ def configure_gpu_memory(fraction: float | None) -> str:
     ``None``: memory growth, so TensorFlow takes only what it uses. A fraction caps TensorFlow at
     that share of each GPU, leaving the rest to cuML on the same device.
     """
-    _quiet_tensorflow()
-    import tensorflow as tf
-
+    tf = import_tensorflow()
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
         return "no GPU visible to TensorFlow: running on the CPU"
@@ -150,23 +202,51 @@ def weights_identity(weights: str) -> str:
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
+# Within :func:`reuse_models`, the models built so far, by what decides them: a run that
+# embeds and then exports its model builds it once.
+_BUILT: dict[tuple[str, str, int, str], tuple[Any, ModelInfo]] = {}
+_REUSING = [0]
+
+
+@contextlib.contextmanager
+def reuse_models() -> Iterator[None]:
+    """Within this block (one run), :func:`build_model` gives the same model object for the same
+    weights (by content), seed and precision; after it, the models are let go."""
+    _REUSING[0] += 1
+    try:
+        yield
+    finally:
+        _REUSING[0] -= 1
+        if not _REUSING[0]:
+            _BUILT.clear()
+
+
 def build_model(weights: str, seed: int = 0, precision: str = "float32") -> tuple[Any, ModelInfo]:
     """Keras ResNet50 without its classifier, global max pooling: (N, S, S, 3) -> (N, 2048).
 
     ``precision="bfloat16"`` computes in bfloat16 with float32 weights (Keras' mixed policy):
-    faster on CPUs with AVX-512 BF16 and on recent GPUs, slightly different features.
+    faster on CPUs with AVX-512 BF16 and on recent GPUs, slightly different features. The same
+    weights (by content), seed and precision give the same model object within
+    :func:`reuse_models`.
     """
-    import keras
-
     if precision not in PRECISIONS:
         raise ImageSearchError(f"precision = {precision!r}; choose from {', '.join(PRECISIONS)}.")
+    key = (weights, weights_identity(weights), seed, precision) if _REUSING[0] else None
+    if key is not None and key in _BUILT:
+        return _BUILT[key]
+    import_tensorflow()
+    import keras
+
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(PRECISIONS[precision])
     try:
         model, info = _build(weights, seed)
     finally:
         keras.config.set_dtype_policy(previous)
-    return model, ModelInfo(info.weights, info.weights_detail, seed, precision)
+    built = model, ModelInfo(info.weights, info.weights_detail, seed, precision)
+    if key is not None:
+        _BUILT[key] = built
+    return built
 
 
 def _build(weights: str, seed: int) -> tuple[Any, ModelInfo]:

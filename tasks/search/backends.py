@@ -19,10 +19,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel
 
-from tasks.errors import ImageSearchError, param
+from tasks.errors import ImageSearchError
 from tasks.features.store import load_features
 from tasks.hardware import cpu_count
 from tasks.search.exact import prepare_index, search_prepared
+from tasks.search.k import check_k
 from tasks.storage import atomic_path
 
 REFERENCE = "sklearn"
@@ -39,17 +40,6 @@ def to_euclidean(squared: Any) -> Any:
     Works on NumPy and CuPy arrays alike.
     """
     return (squared.clip(0) ** 0.5).astype("float32")
-
-
-def validate_k(k: int, n_index: int) -> None:
-    """scikit-learn's wording: the exact numbers and the fix."""
-    if k < 1:
-        raise ImageSearchError(f"{param('k')} = {k}; it must be at least 1.")
-    if k > n_index:
-        raise ImageSearchError(
-            f"Expected k <= n_index, but n_index = {n_index}, k = {k}; lower k or use more "
-            f"images (limit) or a larger split_ratio."
-        )
 
 
 class Backend(ABC):
@@ -316,7 +306,7 @@ def run_backend(
     query_ids, queries = backend.load(query_path)
     backend.sync()
     load_s = time.perf_counter() - t0
-    validate_k(k, len(index_ids))
+    check_k(k, len(index_ids))
     with threadpool_limits(limits=cpu_count()):
         warm = min(len(index_ids), max(k, 256))
         backend.fit(index[:warm])

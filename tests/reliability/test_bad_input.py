@@ -159,7 +159,7 @@ def _empty_bin(tmp: Path) -> Path:
         (["--limit", "5000"], "limit = 5,000 but the dataset holds only 2,000 images; use a lim"),
         (["--split-ratio", "0.999"], "split_ratio = 0.999 of 100 images leaves 100 index and 0 q"),
         (["--split-ratio", "0.001"], "split_ratio = 0.001 of 100 images leaves 0 index and 100 q"),
-        (["--k", "500"], "Expected k <= n_index, but n_index = 90, k = 500; lower k"),
+        (["--k", "500"], "Expected k <= n_index, but n_index = 90, k = 500; lower --k or use"),
         (["--weights", "/nonexistent/w.h5"], "weights = '/nonexistent/w.h5': no such file"),
         (["--source", "{odd}"], "bytes, not a multiple of 27,648"),
         (["--source", "{empty}"], "is empty; it holds no STL-10 images"),

@@ -1,16 +1,21 @@
-"""Stopping a run, and the temporary Prefect API it starts, with real ``image-search run``
+"""Stopping a run, and the local Prefect API that runs share, with real ``image-search run``
 processes started as a user starts them: without ``PREFECT_API_URL``.
 
 Ctrl-C in a terminal signals the whole process group, SIGTERM is what Kubernetes and systemd
-send, ``kill -9`` is an OOM kill: each ends the run within seconds with its exit status and
-the resume hint, never a traceback, and leaves no server process behind. A first run on a
-fresh ``PREFECT_HOME`` gets the start-up time it needs; a user's own budget is honoured.
+send, ``kill -9`` is an OOM kill: each ends the run within seconds with its exit status and the
+resume hint, never a traceback. The local API the first command started outlives it, as that
+command announced, and stops by itself once no command has used it for its idle time (here a
+few seconds); nothing else is left behind. A rerun finds the API running and starts none; two
+commands at once start one; a user's own start-up budget is honoured.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +29,15 @@ pytestmark = pytest.mark.slow
 RESUME = "run the same command again to resume where it stopped."
 # Long enough that a signal lands mid-run: 2,000 images take minutes to embed on a CPU.
 LONG_RUN = ["--source", "sample", "--weights", "none", "--limit", "2000", "--batch-size", "16"]
+IDLE_MINUTES = 0.1  # the local API stops 6 s after its last use
+STARTED = (
+    "image-search: started a local Prefect API for this and later commands at http://127.0.0.1:"
+)
+LASTS = "it stops after 0.1 minutes unused, and `prefect server stop` stops it now."
 
 
-def api_servers_of(pid: int) -> list[int]:
-    """PIDs of the temporary API servers that process ``pid`` started and that still run."""
+def api_servers(home: Path) -> list[int]:
+    """PIDs of the local API servers that run for PREFECT_HOME ``home``."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -36,31 +46,51 @@ def api_servers_of(pid: int) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"flows.local_api" in argv and argv[argv.index(b"--parent") + 1] == str(pid).encode():
+        if b"flows.local_api" in argv and argv[argv.index(b"--home") + 1] == str(home).encode():
             found.append(int(entry.name))
     return found
+
+
+def session_members(sid: int) -> list[int]:
+    """PIDs of the processes still in session ``sid`` (a command and anything it left)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def state(home: Path) -> dict[str, object] | None:
+    try:
+        return dict(json.loads((home / "image-search-api.json").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _runner(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runner]:
+    """A Runner whose processes find no PREFECT_API_URL (empty means unset) and share a local
+    API in ``home``; every process and server is gone afterwards."""
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "INFO")  # to see the flow run begin
+    monkeypatch.setenv("IMAGE_SEARCH_API_IDLE_MINUTES", str(IDLE_MINUTES))
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    runner = Runner(api_url="", tmp=tmp_path / "logs")
+    runner.tmp.mkdir()
+    yield runner
+    for proc in runner.procs:
+        proc.kill()
+    for server in api_servers(home):  # only if a test failed before its server stopped
+        os.killpg(server, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
 def shared_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One PREFECT_HOME for the signal tests: its database is created once."""
     return tmp_path_factory.mktemp("prefect-home")
-
-
-def _runner(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runner]:
-    """A Runner whose processes find no PREFECT_API_URL (empty means unset) and start their
-    own API; every process and server it started is gone afterwards."""
-    monkeypatch.setenv("PREFECT_HOME", str(home))
-    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "INFO")  # to see the flow run begin
-    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
-    runner = Runner(api_url="", tmp=tmp_path / "logs")
-    runner.tmp.mkdir()
-    yield runner
-    for proc in runner.procs:
-        pid = proc.popen.pid
-        proc.kill()
-        for server in api_servers_of(pid):  # only if a test failed before checking this
-            os.killpg(server, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -73,23 +103,30 @@ def fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runn
     yield from _runner(tmp_path, tmp_path / "fresh-prefect-home", monkeypatch)
 
 
-def start_mid_run(runner: Runner, tmp_path: Path) -> tuple[Proc, list[int]]:
-    """A long run, once its flow run has begun on its temporary API; with that API's PIDs."""
+def start_mid_run(runner: Runner, home: Path, tmp_path: Path) -> tuple[Proc, int]:
+    """A long run, once its flow run has begun on the local API; with that API's PID."""
     proc = runner.start(*LONG_RUN, "--out", str(tmp_path / "out"), data=tmp_path / "data")
     wait_until(lambda: "Beginning flow run" in proc.err(), "the flow run to begin", proc, 300)
-    servers = api_servers_of(proc.popen.pid)
-    assert len(servers) == 1, servers
-    assert os.getsid(servers[0]) != os.getsid(proc.popen.pid)  # not in the terminal's session
-    return proc, servers
+    (server,) = api_servers(home)
+    assert os.getsid(server) != os.getsid(proc.popen.pid)  # not in the terminal's session
+    return proc, server
 
 
-def assert_stopped_cleanly(proc: Proc, servers: list[int], status: int, word: str) -> None:
+def assert_stopped_cleanly(proc: Proc, status: int, word: str) -> None:
     err = proc.err()
     assert proc.rc == status, err[-3000:]
     assert f"image-search: error: {word}; {RESUME}" in err
     assert "Traceback" not in err + proc.out()
-    assert api_servers_of(proc.popen.pid) == []
-    assert [pid for pid in servers if Path(f"/proc/{pid}").exists()] == []
+    assert session_members(proc.popen.pid) == []  # the command left nothing in its session
+
+
+def assert_announced_and_stops_when_unused(proc: Proc, home: Path, server: int) -> None:
+    """The API outlived the command as announced, and stops by itself once unused."""
+    err = proc.err()
+    assert STARTED in err or "image-search: using the local Prefect API at" in err, err[-3000:]
+    assert LASTS in err
+    wait_until(lambda: not Path(f"/proc/{server}").exists(), "the unused API to stop", timeout=60)
+    assert api_servers(home) == [] and state(home) is None
 
 
 def _stop(proc: Proc, sig: signal.Signals, group: bool) -> float:
@@ -99,64 +136,124 @@ def _stop(proc: Proc, sig: signal.Signals, group: bool) -> float:
     return time.monotonic() - started
 
 
-def test_ctrl_c_in_a_terminal_exits_130_within_seconds(own_api: Runner, tmp_path: Path) -> None:
-    """SIGINT to the whole process group, as a terminal sends it: the temporary API lives on
-    in its own session, so the run records its end and stops at once."""
-    proc, servers = start_mid_run(own_api, tmp_path)
+def test_ctrl_c_in_a_terminal_exits_130_within_seconds(
+    own_api: Runner, shared_home: Path, tmp_path: Path
+) -> None:
+    """SIGINT to the whole process group, as a terminal sends it: the local API lives on in its
+    own session, so the run records its end and stops at once."""
+    proc, server = start_mid_run(own_api, shared_home, tmp_path)
     elapsed = _stop(proc, signal.SIGINT, group=True)
-    assert_stopped_cleanly(proc, servers, 130, "interrupted")
+    assert_stopped_cleanly(proc, 130, "interrupted")
     assert elapsed < 30, f"took {elapsed:.1f} s"
+    assert_announced_and_stops_when_unused(proc, shared_home, server)
 
 
-def test_sigterm_exits_143_and_stops_the_api(own_api: Runner, tmp_path: Path) -> None:
-    proc, servers = start_mid_run(own_api, tmp_path)
+def test_sigterm_exits_143_and_the_api_stops_when_unused(
+    own_api: Runner, shared_home: Path, tmp_path: Path
+) -> None:
+    proc, server = start_mid_run(own_api, shared_home, tmp_path)
     elapsed = _stop(proc, signal.SIGTERM, group=False)
-    assert_stopped_cleanly(proc, servers, 143, "terminated")
+    assert_stopped_cleanly(proc, 143, "terminated")
     assert elapsed < 30, f"took {elapsed:.1f} s"
+    assert_announced_and_stops_when_unused(proc, shared_home, server)
 
 
-def test_kill_9_leaves_no_api_behind(own_api: Runner, tmp_path: Path) -> None:
-    """An OOM kill gives the command line no chance to clean up: the server notices its
-    parent is gone and stops itself."""
-    proc, servers = start_mid_run(own_api, tmp_path)
+def test_kill_9_leaves_no_api_behind(own_api: Runner, shared_home: Path, tmp_path: Path) -> None:
+    """An OOM kill gives the command line no chance to clean up: the kernel drops its lease,
+    and the API stops itself once unused."""
+    proc, server = start_mid_run(own_api, shared_home, tmp_path)
     proc.kill()
-    wait_until(
-        lambda: not any(Path(f"/proc/{pid}").exists() for pid in servers),
-        "the orphaned API to stop",
-        timeout=20,
-    )
+    wait_until(lambda: not Path(f"/proc/{server}").exists(), "the unused API to stop", timeout=60)
+    assert state(shared_home) is None
 
 
-def test_first_run_on_a_fresh_prefect_home(fresh_home: Runner, tmp_path: Path) -> None:
-    """The temporary API creates its database before it answers: with Prefect's 20 s budget
-    this failed on a busy machine; the run's own budget covers it."""
+def test_first_run_on_a_fresh_home_then_a_rerun_starts_no_server(
+    fresh_home: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first command starts the API (creating its database) and waits for it; the next
+    one finds it running and is recorded on it too; ``prefect server stop`` stops it."""
+    home = tmp_path / "fresh-prefect-home"
     missing = tmp_path / "missing"
-    proc = fresh_home.run(
-        "--source", str(missing), "--out", str(tmp_path / "o"), data=tmp_path / "data"
-    )
-    err = proc.err()
-    assert proc.rc == 1, err[-3000:]
-    assert "image-search: starting a temporary Prefect API for this run" in err
+    args = ["--source", str(missing), "--out", str(tmp_path / "o")]
+    first = fresh_home.run(*args, data=tmp_path / "data")
+    err = first.err()
+    assert first.rc == 1, err[-3000:]
+    assert "image-search: starting a local Prefect API" in err and STARTED in err
     assert f"image-search: error: Source '{missing}' is neither a URL" in err
     assert err.rstrip().endswith("or --source sample.")  # the command line names options
     assert "Timed out" not in err and "Traceback" not in err
-    assert (tmp_path / "fresh-prefect-home" / "prefect.db").stat().st_size > 0
-    assert api_servers_of(proc.popen.pid) == []
+    assert (home / "prefect.db").stat().st_size > 0
+    (server,) = api_servers(home)
+
+    monkeypatch.setenv("IMAGE_SEARCH_API_IDLE_MINUTES", "1")  # not the running server's
+    again = fresh_home.run(*args, data=tmp_path / "data")
+    err = again.err()
+    assert again.rc == 1, err[-3000:]
+    assert "starting a local Prefect API" not in err
+    assert "image-search: using the local Prefect API at http://127.0.0.1:" in err
+    assert LASTS in err  # the server's own idle time
+    assert api_servers(home) == [server]
+    url = str((state(home) or {})["url"])
+    runs = _flow_runs(url)
+    assert [r["parameters"]["source"] for r in runs] == [str(missing)] * 2
+    assert all(r["state_type"] == "FAILED" for r in runs)
+
+    stop = subprocess.run(
+        [Path(sys.executable).parent / "prefect", "server", "stop"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PREFECT_HOME": str(home)},
+        timeout=60,
+    )
+    assert stop.returncode == 0, stop.stderr
+    wait_until(lambda: not Path(f"/proc/{server}").exists(), "the API to stop", timeout=30)
+    assert state(home) is None and not (home / "server.pid").exists()
+
+
+def _flow_runs(url: str) -> list[dict[str, object]]:
+    import httpx
+
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        resp = client.post(f"{url}/flow_runs/filter", json={"limit": 10})
+        resp.raise_for_status()
+        return list(resp.json())
+
+
+def test_two_commands_at_once_start_one_api(fresh_home: Runner, tmp_path: Path) -> None:
+    home = tmp_path / "fresh-prefect-home"
+    procs = [
+        fresh_home.start(
+            "--source",
+            str(tmp_path / f"missing{n}"),
+            "--out",
+            str(tmp_path / f"o{n}"),
+            data=tmp_path / "data",
+        )
+        for n in range(2)
+    ]
+    for proc in procs:
+        proc.wait(timeout=300)
+    errs = [p.err() for p in procs]
+    assert [p.rc for p in procs] == [1, 1], errs
+    assert sum(STARTED in e for e in errs) == 1
+    assert sum("using the local Prefect API at" in e for e in errs) == 1
+    assert len(api_servers(home)) == 1
 
 
 def test_a_users_start_up_budget_is_honoured_and_named(
     fresh_home: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "1")
+    home = tmp_path / "fresh-prefect-home"
     proc = fresh_home.run(
         "--source", "sample", "--out", str(tmp_path / "o"), data=tmp_path / "data"
     )
     err = proc.err()
     assert proc.rc == 1, err[-3000:]
     assert (
-        "image-search: error: The temporary Prefect API did not start within 1 s "
+        "image-search: error: The local Prefect API did not start within 1 s "
         "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS). On a busy machine raise that setting"
     ) in err
     assert "Traceback" not in err
-    assert api_servers_of(proc.popen.pid) == []
+    assert api_servers(home) == [] and state(home) is None  # the one it started is stopped
     assert not (tmp_path / "o").exists()

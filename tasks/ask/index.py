@@ -1,0 +1,272 @@
+"""Open an index: the output folder of a finished ``image-search run``, read as one committed set
+(:mod:`tasks.ask.files`): its features (the memory-mapped copy when it is current, else the
+Parquet file of record), the catalog (where each image is, its label and content hash), the
+metadata that says which model built it, and the exported model when there is a current one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tasks.ask.files import (
+    copy_paths,
+    copy_source,
+    derived_problem,
+    index_identity,
+    open_copy,
+)
+from tasks.catalog import META_KEY as CATALOG_META_KEY
+from tasks.errors import ImageSearchError, param
+from tasks.features import store
+from tasks.features.model import DIM
+from tasks.layout import (
+    CATALOG_FILE,
+    INDEX_COPY,
+    INDEX_DERIVED,
+    INDEX_FEATURES,
+    INDEX_FILES,
+    QUERY_MODEL,
+    QUERY_MODEL_STAGE,
+)
+from tasks.search.exact import PreparedIndex, prepare_index
+from tasks.sources.collection import Collection, reopen
+from tasks.sources.images import BadImage
+from tasks.storage import unsettled
+
+log = logging.getLogger(__name__)
+
+THUMB = 96  # side of the pictures' tiles
+
+
+def _jpeg(pixels: np.ndarray, quality: int = 85) -> bytes:
+    """JPEG bytes of one (h, w, 3) uint8 image."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def how_to_build(folder: Path) -> str:
+    """The command that makes ``folder`` an index."""
+    return f"build one: image-search run {param('source')} YOUR_IMAGES {param('out')} {folder}"
+
+
+@dataclass
+class Index:
+    """One loaded index: ids (n,) int64 sorted, their prepared embeddings (n, 2048) float32
+    (memory-mapped when read from the copy), where each image is (catalog columns kept as Arrow
+    arrays, not Python objects), the metadata of the features (model, weights, input size) and
+    the exported model file when the folder holds a current one.
+
+    ``features_from`` says which file the embeddings came from (the copy or the Parquet file).
+    """
+
+    folder: Path
+    ids: np.ndarray
+    prepared: PreparedIndex
+    uris: pa.Array
+    labels: pa.Array
+    digests: pa.Array
+    meta: dict[str, Any]
+    collection_meta: dict[str, Any]
+    identity: str
+    features_from: str
+    model_file: Path | None = None
+    loaded_at: float = field(default_factory=time.time)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def input_size(self) -> int:
+        return int(self.meta["input_size"])
+
+    @property
+    def model_key(self) -> str:
+        return str(self.meta.get("model_key", ""))
+
+    def position(self, image_id: int) -> int | None:
+        """Row of ``image_id`` in the index, or None when the index does not hold it."""
+        pos = int(np.searchsorted(self.ids, image_id))
+        return pos if pos < len(self.ids) and int(self.ids[pos]) == image_id else None
+
+    def uri(self, pos: int) -> str:
+        return str(self.uris[pos].as_py())
+
+    def label(self, pos: int) -> str | None:
+        value = self.labels[pos].as_py()
+        return None if value is None else str(value)
+
+    @cached_property
+    def collection(self) -> Collection:
+        """The collection the index was built from, opened again to read its images."""
+        return reopen(self.collection_meta)
+
+    def read(self, image_id: int) -> bytes:
+        """The stored bytes of image ``image_id``, checked to be the content that was indexed.
+
+        Raises KeyError for an id the index does not hold, BadImage when it cannot be read or
+        its content changed since the run that indexed it.
+        """
+        pos = self.position(image_id)
+        if pos is None:
+            raise KeyError(image_id)
+        data = self.collection.read(self.uri(pos))
+        if hashlib.sha256(data).hexdigest() != self.digests[pos].as_py():
+            raise BadImage("its file changed since the index was built")
+        return data
+
+    def image(self, image_id: int) -> tuple[bytes, str]:
+        """The stored image ``image_id`` as a file to show: (bytes, media type)."""
+        return self.collection.picture(self.read(image_id))
+
+    def thumbnail(self, image_id: int, size: int) -> bytes:
+        """Image ``image_id`` as a ``size``-pixel square JPEG (short side resized, centre crop,
+        by the one decode rule): what a page shows in a tile, a few kB whatever the original."""
+        return _jpeg(self.collection.decode(self.read(image_id), size).pixels)
+
+    def thumbnails(self, image_ids: Iterable[int]) -> np.ndarray:
+        """Images ``image_ids`` as (n, 96, 96, 3) uint8 tiles; grey where one cannot be read."""
+        ids = list(image_ids)
+        out = np.full((len(ids), THUMB, THUMB, 3), 128, dtype=np.uint8)
+        for n, image_id in enumerate(ids):
+            try:
+                out[n] = self.collection.decode(self.read(image_id), THUMB).pixels
+            except (KeyError, BadImage):
+                continue
+        return out
+
+
+def open_index(folder: str | Path, attempts: int = 5, wait_s: float = 0.5) -> Index:
+    """Load the index in ``folder``: its files of record and current derived files, checked to
+    be one committed set (a run committing meanwhile makes it read again, up to ``attempts``
+    times).
+
+    Raises ImageSearchError naming the folder and the fix when it is not an index.
+    """
+    path = Path(folder).expanduser().resolve()
+    if not path.is_dir():
+        raise ImageSearchError(f"Index folder {path} does not exist; {how_to_build(path)}.")
+    reason = ""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(wait_s)
+        before = index_identity(path)
+        if before is None:
+            raise ImageSearchError(
+                f"{path} holds no {INDEX_FEATURES}: it is not the output folder of a finished run; "
+                f"{how_to_build(path)}."
+            )
+        if not (path / CATALOG_FILE).is_file():
+            raise ImageSearchError(
+                f"{path} holds {INDEX_FEATURES} but no {CATALOG_FILE}; run image-search "
+                f"again with {param('out')} {path} to write it."
+            )
+        reason = unsettled(path, {**INDEX_FILES, **INDEX_DERIVED}) or ""
+        if reason:
+            continue
+        index = _load(path, before)
+        if index_identity(path) == before:
+            return index
+        reason = "its files changed while they were read"
+    raise ImageSearchError(
+        f"Index folder {path} is being updated ({reason}); try again when the run that writes "
+        f"it has finished."
+    )
+
+
+def _features(path: Path, n: int) -> tuple[np.ndarray, PreparedIndex, str]:
+    """The index's embeddings: from the memory-mapped copy when it was made from the features
+    in place, else read from the Parquet file (seconds for large indexes), saying why."""
+    source = copy_source(path)
+    problem = "no record of the features" if source is None else None
+    problem = problem or derived_problem(path, INDEX_COPY.name, source or {})
+    if problem is None:
+        try:
+            ids, prepared = open_copy(*copy_paths(path), n)
+            return ids, prepared, INDEX_COPY.outputs[0]
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+    log.info("reading %s, not its memory-mapped copy: %s", INDEX_FEATURES, problem)
+    ids, emb = store.load_features(path / INDEX_FEATURES)
+    order = np.argsort(ids, kind="stable")
+    if np.any(order != np.arange(len(ids))):  # written sorted; keep lookups by binary search
+        ids, emb = ids[order], emb[order]
+    return ids, prepare_index(emb), INDEX_FEATURES
+
+
+def _model_file(path: Path, meta: dict[str, Any]) -> Path | None:
+    """The exported model when its record says it is the model of these features."""
+    problem = derived_problem(path, QUERY_MODEL_STAGE.name, {"model_key": meta.get("model_key")})
+    if problem is not None:
+        log.info("no exported model for this index (%s)", problem)
+        return None
+    return path / QUERY_MODEL
+
+
+def _load(path: Path, identity: str) -> Index:
+    features = path / INDEX_FEATURES
+    meta = store.read_metadata(features)
+    try:
+        parquet = pq.ParquetFile(features)
+        n = parquet.metadata.num_rows
+        dim = parquet.schema_arrow.field("embedding").type.list_size
+    except (OSError, pa.ArrowInvalid, KeyError) as exc:
+        raise ImageSearchError(
+            f"Feature file {features} is damaged ({exc}); run image-search again with "
+            f"{param('out')} {path} to recompute it."
+        ) from exc
+    if dim != DIM:
+        raise ImageSearchError(f"{features} holds {dim}-d embeddings, not {DIM}-d.")
+    if n == 0:
+        raise ImageSearchError(f"{features} holds no images; index at least one image.")
+    ids, prepared, features_from = _features(path, n)
+    catalog_path = path / CATALOG_FILE
+    try:
+        schema_meta = pq.read_schema(catalog_path).metadata or {}
+        table = pq.read_table(catalog_path, columns=["image_id", "uri", "label", "sha256"])
+        collection_meta = json.loads(schema_meta[CATALOG_META_KEY])["collection"]
+    except (OSError, pa.ArrowInvalid, KeyError, ValueError) as exc:
+        raise ImageSearchError(
+            f"Cannot read {catalog_path} ({exc}); run image-search again with "
+            f"{param('out')} {path}."
+        ) from exc
+    cat_ids = table.column("image_id").to_numpy()
+    take = np.searchsorted(cat_ids, ids)
+    take = np.minimum(take, len(cat_ids) - 1)
+    missing = ids[cat_ids[take] != ids] if len(cat_ids) else ids
+    if len(missing):
+        raise ImageSearchError(
+            f"{len(missing)} images of {features} (first: id {int(missing[0])}) are not in "
+            f"{catalog_path}: the two files come from different runs; run image-search "
+            f"again with {param('out')} {path}."
+        )
+    indices = pa.array(take)
+    return Index(
+        folder=path,
+        ids=ids,
+        prepared=prepared,
+        uris=pc.take(table.column("uri"), indices).combine_chunks(),
+        labels=pc.take(table.column("label"), indices).combine_chunks(),
+        digests=pc.take(table.column("sha256"), indices).combine_chunks(),
+        meta=meta,
+        collection_meta=dict(collection_meta),
+        identity=identity,
+        features_from=features_from,
+        model_file=_model_file(path, meta),
+    )
