@@ -1,6 +1,10 @@
 """The ``image-search`` flow: source → catalog (list, hash, embed what is new) → samples → split
-→ features → KNN backends → compare → evaluate (quality, duplicates) → report, committed as one
-set of outputs.
+→ features → KNN backends → compare → evaluate (quality, duplicates) → report (artifacts and
+``report.html``), committed as one set of outputs.
+
+Two modes (:mod:`tasks.split`): STL-10 sources are the seed's benchmark (a 9:1 split, queries
+held out); every other collection puts every image in the index and compares the backends by
+leave-one-out search of a sample of its images.
 
 Wiring only: every stage lives in ``tasks/`` and passes references, never arrays.
 """
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.states import State
 from pydantic import ValidationError
 
@@ -25,6 +29,7 @@ from flows.params import (
     K,
     Limit,
     MaxErrorRate,
+    NQueries,
     NResults,
     NShow,
     Out,
@@ -46,14 +51,15 @@ from tasks.features.embed import catalog, check_input_size, embed
 from tasks.features.model import reuse_models, weights_path
 from tasks.features.serving import serving
 from tasks.report.evaluate import evaluate_task
-from tasks.report.report import report
+from tasks.report.html import html_report
+from tasks.report.report import RANDOM_WEIGHTS, report
 from tasks.report.samples import show
 from tasks.search.backends import choose_backends
 from tasks.search.k import check_k
 from tasks.search.knn import knn, search_features
 from tasks.sources.collection import Request, open_source
 from tasks.sources.download import fetch_with_retries
-from tasks.split import check_split, split
+from tasks.split import check_collection, check_split, run_mode, split
 from tasks.storage import RunFolder, ensure_writable_dir, folder_lock
 from tasks.types import ModelSpec
 
@@ -67,6 +73,7 @@ def image_search(
     limit: Limit = DEFAULTS.limit,
     seed: Seed = DEFAULTS.seed,
     split_ratio: SplitRatio = DEFAULTS.split_ratio,
+    n_queries: NQueries = DEFAULTS.n_queries,
     n_show: NShow = DEFAULTS.n_show,
     weights: Weights = DEFAULTS.weights,
     batch_size: BatchSize = DEFAULTS.batch_size,
@@ -85,7 +92,8 @@ def image_search(
 
     Every parameter is its own typed field (bounds and descriptions from ``flows.params``), so
     a deployment run overrides one and keeps the rest. Returns the paths of the outputs, keyed
-    by name; a problem the user can fix ends the run Failed with its message alone.
+    by name, ``report`` (report.html) last; a problem the user can fix ends the run Failed with
+    its message alone.
     """
     quiet_user_errors()
     show_task_logs()
@@ -98,6 +106,7 @@ def image_search(
             limit=limit,
             seed=seed,
             split_ratio=split_ratio,
+            n_queries=n_queries,
             n_show=n_show,
             weights=weights,
             batch_size=batch_size,
@@ -151,10 +160,12 @@ def _search(params: SearchParams) -> dict[str, str]:
             gpu_memory_fraction=params.gpu_memory_fraction,
         )
         weights_path(params.weights)  # a missing file stops the run before any write
+        if params.weights.strip().lower() == "none":
+            get_run_logger().warning(RANDOM_WEIGHTS)
+        mode = run_mode(collection.kind)
         # Configuration errors stop the run before anything is written: the listing bounds
         # how many images the catalog can hold.
-        n_index, _ = check_split(len(collection.items()), params.split_ratio)
-        check_k(params.k, n_index, fix=MORE_IMAGES)
+        check_size(mode, len(collection.items()), params)
         # Every stage writes into the staging area; the outputs in place change only below.
         # Sharded over a Dask cluster when one is set; else in a task of this process.
         cluster = params.cluster
@@ -166,27 +177,50 @@ def _search(params: SearchParams) -> dict[str, str]:
             run.commit([layout.CATALOG.name])  # keep errors.parquet where the message says it
             raise
         # Some images may have failed: check again with those that are usable.
-        n_index, _ = check_split(catalog_ref.rows, params.split_ratio)
-        check_k(params.k, n_index, fix=MORE_IMAGES)
-        show(catalog_ref, out, params.n_show, params.seed)
-        split_ref = split(catalog_ref, out, params.split_ratio, params.seed)
+        check_size(mode, catalog_ref.rows, params)
+        samples = show(catalog_ref, out, params.n_show, params.seed)
+        split_ref = split(catalog_ref, out, params.split_ratio, params.seed, mode, params.n_queries)
         features = embed(catalog_ref, split_ref, out, spec)
         serving(features, out, spec)  # what makes the index quick to ask
         # Backends run one after another: each gets every core, so the timings are honest.
-        runs = [knn(features, out, name, params.k) for name in backends]
+        loo = mode == "collection"  # the queries are index images: each leaves itself out
+        runs = [knn(features, out, name, params.k, loo) for name in backends]
         if cluster is not None:  # one more backend: a nested flow on the Dask task runner
             searcher, code = sharded.searcher(cluster), sharded.SEARCH_CODE
-            runs.append(search_features(features, run, sharded.SHARDED, params.k, searcher, code))
-        summary = compare(runs, features, out, params.tolerance)
-        evaluation = evaluate_task(catalog_ref, features, out)
-        report(summary, runs, features, catalog_ref, out, params.n_results, params.seed)
+            runs.append(
+                search_features(
+                    features, run, sharded.SHARDED, params.k, searcher, code, exclude_self=loo
+                )
+            )
+        summary = compare(runs, features, out, params.tolerance, mode)
+        evaluation = evaluate_task(catalog_ref, features, out, mode)
+        results = report(summary, runs, features, catalog_ref, out, params.n_results, params.seed)
+        pictures = {
+            "samples": samples,
+            "results": results,
+            "duplicates": str(evaluation["gallery"]),
+        }
+        html_report(summary, features, catalog_ref, evaluation, pictures, out)
         # The new outputs replace the old ones as one set, even when the verdict is a failure:
-        # compare.json then says why.
+        # compare.json and report.html then say why.
         run.commit(layout.run_stages(r.backend for r in runs if r.available))
     if not summary.passed:
-        raise ImageSearchError(f"{summary.failure} See {out_dir / layout.COMPARE_FILE}.")
+        raise ImageSearchError(
+            f"{summary.failure} See {out_dir / layout.REPORT_FILE} and "
+            f"{out_dir / layout.COMPARE_FILE}."
+        )
     return {
         name: str(out_dir / rel)
         for name, rel in layout.RUN_OUTPUTS.items()
         if name != "quality" or "quality" in evaluation
     }
+
+
+def check_size(mode: str, n: int, params: SearchParams) -> None:
+    """Stop before anything is written when ``n`` images cannot give every query ``k``
+    neighbours: a benchmark needs both sides of its split, a collection ``k`` other images."""
+    if mode == "collection":
+        check_collection(n, params.k)
+    else:
+        n_index, _ = check_split(n, params.split_ratio)
+        check_k(params.k, n_index, fix=MORE_IMAGES)

@@ -74,8 +74,9 @@ Source = Annotated[
 Out = Annotated[
     str,
     _param(
-        "Output folder: samples.png, split.parquet, features/, neighbors.parquet, "
-        "compare.json, results.png. Must outlive the run (a shared volume in Kubernetes).",
+        "Output folder: report.html (the run's report), catalog.parquet, samples.png, "
+        "split.parquet, features/, neighbors.parquet, compare.json, results.png. Must outlive "
+        "the run (a shared volume in Kubernetes).",
         min_length=1,
     ),
 ]
@@ -90,9 +91,26 @@ DataDir = Annotated[
 Limit = Annotated[
     int | None, _param("Use only the first N images (none: all of them).", ge=1), NoneWord
 ]
-Seed = Annotated[int, _param("Seed of the index/query split and the picture grids.", ge=0)]
+Seed = Annotated[
+    int, _param("Seed of the index/query split, the query sample and the picture grids.", ge=0)
+]
 SplitRatio = Annotated[
-    float, _param("Fraction of the images that form the index; the rest query it.", gt=0, lt=1)
+    float,
+    _param(
+        "STL-10 sources only: fraction of the images that form the index; the rest query it. "
+        "Your own collections put every image in the index (see n_queries).",
+        gt=0,
+        lt=1,
+    ),
+]
+NQueries = Annotated[
+    int,
+    _param(
+        "Your own collections only (every image is in the index): how many index images, a "
+        "seeded sample, are searched to compare the backends and measure quality, each left "
+        "out of its own answer (leave-one-out); every image when the collection holds fewer.",
+        ge=1,
+    ),
 ]
 NShow = Annotated[int, _param("How many random images samples.png shows.", ge=1, le=256)]
 Weights = Annotated[
@@ -188,6 +206,7 @@ class SearchParams(BaseModel):
     limit: Limit = None
     seed: Seed = 0
     split_ratio: SplitRatio = 0.9
+    n_queries: NQueries = 2000
     n_show: NShow = 32
     weights: Weights = "imagenet"
     batch_size: BatchSize = 128

@@ -41,6 +41,7 @@ DUPLICATES_FILE = "duplicates.parquet"
 GALLERY_FILE = "duplicates.png"
 QUALITY_FILE = "quality.json"
 RESULTS_FILE = "results.png"
+REPORT_FILE = "report.html"  # the run's report, self-contained: opens offline, after the run
 
 # Sub-folders of the output folder that hold only files this product writes.
 OUTPUT_SUBDIRS = frozenset({FEATURES_DIR, KNN_DIR, STATE_DIR})
@@ -75,6 +76,7 @@ QUERY_MODEL_STAGE = StageLayout("query-model", (QUERY_MODEL,))
 COMPARE = StageLayout("compare", (COMPARE_FILE, NEIGHBORS_FILE))
 EVALUATE = StageLayout("evaluate", (DUPLICATES_FILE, GALLERY_FILE, QUALITY_FILE))
 RESULTS = StageLayout("results", (RESULTS_FILE,))
+REPORT = StageLayout("report", (REPORT_FILE,))
 
 
 def knn_stage(backend: str) -> StageLayout:
@@ -90,13 +92,14 @@ def record_of(stage: str) -> str:
 def run_stages(backends: Iterable[str]) -> list[str]:
     """Every stage of one batch run, in order: the set it commits when it has finished."""
     before = [CATALOG, SAMPLES, SPLIT, EMBED, INDEX_COPY, QUERY_MODEL_STAGE]
-    after = [COMPARE, EVALUATE, RESULTS]
+    after = [COMPARE, EVALUATE, RESULTS, REPORT]
     return (
         [s.name for s in before] + [knn_stage(b).name for b in backends] + [s.name for s in after]
     )
 
 
-# What a finished run hands back, by name: the files and folders a person opens.
+# What a finished run hands back, by name: the files and folders a person opens; the report last,
+# so that it is the last line the command line prints.
 RUN_OUTPUTS: dict[str, str] = {
     "catalog": CATALOG_FILE,
     "errors": ERRORS_FILE,
@@ -109,6 +112,7 @@ RUN_OUTPUTS: dict[str, str] = {
     "duplicates": DUPLICATES_FILE,
     "gallery": GALLERY_FILE,
     "quality": QUALITY_FILE,
+    "report": REPORT_FILE,
 }
 
 # An index, as the query core reads it: the features of the index side and the catalog that

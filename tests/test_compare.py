@@ -1,6 +1,8 @@
-"""Agreement of backends: deviations, ties versus real mismatches, and the written outputs.
+"""Agreement of backends: deviations, ties versus real mismatches (decided by the float32 error
+bound), and the written outputs.
 
-The features here are one-dimensional, so every exact distance is a plain difference.
+Most features here are one-dimensional, so every exact distance is a plain difference; the
+float32 tests use 2048 dimensions and norms like ResNet50's.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.compare import (
-    Comparison,
+from tasks.agreement import (
+    U32,
+    ExactReference,
     compare_one,
-    compare_runs,
     exact_distances_from,
+    float32_distance_error,
     tie_rows,
 )
+from tasks.compare import Comparison, compare_runs
 from tasks.search.backends import SearchRun
 from tasks.storage import RunFolder
 from tasks.types import DataRef, Features
@@ -87,12 +91,14 @@ def test_ties_are_not_errors(features: Features) -> None:
     got_i[2] = [5, 4, 6]  # 4 and 5 tie at 0.5
     boundary = got_i.copy()
     boundary[1] = [1, 2, 99]  # another image at the same distance: a tie too
-    differs, is_tie = tie_rows(REF_I, boundary, QIDS, exact)
-    assert differs.tolist() == [False, True, True]
-    assert is_tie.tolist() == [False, True, True]
+    ties = tie_rows(REF_I, boundary, QIDS, exact)
+    assert ties.differs.tolist() == [False, True, True]
+    assert ties.is_tie.tolist() == [False, True, True]
+    assert ties.gap.tolist() == [0.0, 0.0, 0.0]
     result = compare_one(REF_D, REF_I, REF_D.copy(), got_i, QIDS, 1.0, exact)
     assert result.passed
     assert (result.rows_identical, result.rows_tied, result.rows_mismatched) == (1, 2, 0)
+    assert (result.rows_tied_exact, result.rows_tied_float32) == (2, 0)
     assert result.index_agreement == pytest.approx(5 / 9)
 
 
@@ -131,6 +137,138 @@ def test_distance_tolerance(features: Features) -> None:
     assert not result.distances_pass and not result.passed
     assert result.max_abs_deviation == pytest.approx(0.01, rel=1e-3)
     assert result.max_rel_deviation == pytest.approx(0.02, rel=1e-3)
+
+
+def test_relative_deviation_of_an_exact_duplicate_is_finite(tmp_path: Path) -> None:
+    """A distance of 0 (an exact copy) that a float32 backend reports as 3e-4: the relative
+    deviation is measured against the float32 bound there, never divided by zero."""
+    exact = write_exact(tmp_path, {4: [0.5], 5: [1.5]}, {10: [0.5]})
+    ids, qids = np.array([[4, 5]], dtype=np.int64), np.array([10], dtype=np.int64)
+    ref_d = np.array([[0.0, 1.0]], dtype=np.float32)
+    got_d = np.array([[3e-4, 1.0]], dtype=np.float32)
+    result = compare_one(ref_d, ids, got_d, ids, qids, 1.0, exact)
+    assert result.max_abs_deviation == pytest.approx(3e-4)
+    assert 0.0 < result.max_rel_deviation < 1.0  # within what float32 can get wrong at 0
+    assert compare_one(ref_d, ids, ref_d, ids, qids, 1.0, exact).max_rel_deviation == 0.0
+    all_zero = compare_one(ref_d[:, :1], ids[:, :1], ref_d[:, :1], ids[:, :1], qids, 1.0, exact)
+    assert all_zero.abs_deviation_over_median_distance is None  # median 0: no ratio
+
+
+def write_exact(
+    folder: Path, index: dict[int, list[float]], queries: dict[int, list[float]]
+) -> ExactReference:
+    """Feature files of ``index`` and ``queries`` (id -> vector), and their exact reference."""
+    for name, rows in (("index", index), ("query", queries)):
+        values = np.asarray(list(rows.values()), dtype=np.float32)
+        table = pa.table(
+            {
+                "image_id": pa.array(list(rows), type=pa.int64()),
+                "embedding": pa.FixedSizeListArray.from_arrays(
+                    pa.array(values.reshape(-1)), values.shape[1]
+                ),
+            }
+        )
+        pq.write_table(table, folder / f"{name}.parquet")
+    return exact_distances_from(
+        Features(
+            index=DataRef(uri=str(folder / "index.parquet"), rows=len(index), fingerprint="i"),
+            query=DataRef(uri=str(folder / "query.parquet"), rows=len(queries), fingerprint="q"),
+            model={},
+            device="cpu",
+        )
+    )
+
+
+DIM, NORM, FAR = 2048, 340.0, 56.0  # ResNet50's width; norms and distances of real features
+
+
+def planted_pair(tmp_path: Path, gap: float) -> tuple[ExactReference, float]:
+    """A query of norm NORM with neighbours at 10 (id 1), 20 (id 2), FAR (id 3) and
+    FAR + ``gap`` (id 4), each along its own axis. Returns the reference and the float32 bound
+    at rank 3 for gap 0 (the bound changes by gap / (2 FAR) of itself with the gap)."""
+    rng = np.random.default_rng(0)
+    q = np.zeros(DIM)
+    q[8:] = np.abs(rng.normal(size=DIM - 8))
+    q *= NORM / np.linalg.norm(q)
+    index = {}
+    for image_id, (axis, dist) in enumerate([(0, 10.0), (1, 20.0), (2, FAR), (3, FAR + gap)], 1):
+        x = q.copy()
+        x[axis] = dist
+        index[image_id] = x.tolist()
+    exact = write_exact(tmp_path, index, {10: q.tolist()})
+    qn = exact.query_norms(np.array([10]))
+    x_norm = np.minimum(exact.max_norm, qn + FAR)
+    bound = 2 * float32_distance_error(qn, x_norm, DIM, np.array([[FAR]]), u=U32)[0, 0]
+    return exact, float(bound)
+
+
+@pytest.mark.parametrize(("share", "tied"), [(0.9, True), (1.1, False)])
+def test_float32_bound_separates_near_ties_from_wrong_neighbours(
+    tmp_path: Path, share: float, tied: bool
+) -> None:
+    """A backend that returns image 4 instead of image 3 as the third neighbour: a tie when the
+    two exact distances differ by 0.9 of the float32 bound, a wrong answer that fails the
+    verdict at 1.1 of it."""
+    _, bound = planted_pair(tmp_path, 0.0)
+    assert 1.0 < bound < 3.0  # about 4 % of the distance at these norms: float32's worst case
+    exact, _ = planted_pair(tmp_path, share * bound)
+    qids = np.array([10], dtype=np.int64)
+    ref_i = np.array([[1, 2, 3]], dtype=np.int64)
+    got_i = np.array([[1, 2, 4]], dtype=np.int64)
+    ref_d = exact(qids, ref_i).astype(np.float32)
+    got_d = exact(qids, got_i).astype(np.float32)
+    result = compare_one(ref_d, ref_i, got_d, got_i, qids, 10.0, exact)
+    assert result.distances_pass  # the distances alone are within the tolerance of 10
+    assert result.passed is tied
+    assert (result.rows_tied_float32, result.rows_mismatched) == ((1, 0) if tied else (0, 1))
+    worst = result.worst_query
+    assert worst is not None and worst.rank == 3
+    assert worst.gap == pytest.approx(share * bound, rel=1e-3)
+    assert worst.gap / worst.bound == pytest.approx(share, rel=0.03)
+    if tied:
+        (row,) = result.float32_ties
+        assert (row.query_id, row.rank, row.backend_ids) == (10, 3, [1, 2, 4])
+
+
+def test_float32_answers_to_near_ties_pass(tmp_path: Path) -> None:
+    """Neighbours 1.6e-4 apart at distance 56 (relative 2.9e-6, as on a real icon folder),
+    ranked by float32 |q|² + |x|² − 2 q·x as FAISS and cuML do: float32 swaps some of them,
+    and the verdict calls every such row a tie (a fixed relative tolerance of 1e-6 did not)."""
+    rng = np.random.default_rng(1)
+    n, gap = 200, 1.6e-4
+    index, queries = {}, {}
+    for i in range(n):
+        q = np.abs(rng.normal(size=DIM))
+        q *= NORM / np.linalg.norm(q)
+        queries[100_000 + i] = q.astype(np.float32)
+        for j, dist in enumerate([20.0, 40.0, FAR, FAR + gap]):
+            direction = rng.normal(size=DIM)
+            index[4 * i + j] = (q + dist * direction / np.linalg.norm(direction)).astype(np.float32)
+    exact = write_exact(
+        tmp_path,
+        {k: v.tolist() for k, v in index.items()},
+        {k: v.tolist() for k, v in queries.items()},
+    )
+    x = np.stack(list(index.values()))
+    qs = np.stack(list(queries.values()))
+    qids, xids = np.array(list(queries)), np.array(list(index))
+    sq32 = (
+        (qs * qs).sum(1, dtype=np.float32)[:, None]
+        + (x * x).sum(1, dtype=np.float32)[None, :]
+        - np.float32(2) * (qs @ x.T)
+    )
+    got_pos = np.argsort(sq32, axis=1, kind="stable")[:, :3]
+    got_i = xids[got_pos]
+    got_d = np.sqrt(np.maximum(np.take_along_axis(sq32, got_pos, 1), 0)).astype(np.float32)
+    true = np.sqrt(((qs[:, None, :].astype(np.float64) - x[None].astype(np.float64)) ** 2).sum(-1))
+    ref_pos = np.argsort(true, axis=1, kind="stable")[:, :3]
+    ref_i = xids[ref_pos]
+    ref_d = np.take_along_axis(true, ref_pos, 1).astype(np.float32)
+    result = compare_one(ref_d, ref_i, got_d, got_i, qids, 1.0, exact)
+    assert result.rows_tied_float32 > 5  # float32 really cannot order these
+    assert result.rows_mismatched == 0 and result.passed
+    assert all(t.rank == 3 and 1e-6 < t.gap / FAR < 1e-5 for t in result.float32_ties)
+    assert np.isfinite(result.max_rel_deviation)
 
 
 def _run(tmp_path: Path, name: str, d: np.ndarray, i: np.ndarray, search_s: float) -> SearchRun:

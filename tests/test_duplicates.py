@@ -15,9 +15,13 @@ from tasks.report.duplicates import (
     META_KEY,
     Duplicates,
     duplicates_gallery,
+    gallery_caption,
     near_duplicates,
     write_duplicates,
 )
+from tasks.report.pictures import CAPTION_LINE
+
+TOP = 2 * CAPTION_LINE  # the gallery's two caption lines above the grid
 
 NOISE = 1e-3
 PLANTED_ROWS = [(3, 5), (7, 10), (7, 11), (10, 11), (15, 20)]
@@ -152,21 +156,43 @@ def test_gallery_rows_show_each_pair() -> None:
     a = rng.integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
     b = rng.integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
     pic = duplicates_gallery(a, b, np.array([0.0, 0.5, 1.25]), np.array([[1, 2], [3, 4], [5, 6]]))
-    # image_grid: 4 px padding, 16 px title above each 96 px tile, 2 columns.
-    assert pic.size == (2 * 100 + 4, 3 * 116 + 4)
+    # image_grid: the caption, 4 px padding, 16 px title above each 96 px tile, 2 columns.
+    assert pic.size == (2 * 100 + 4, TOP + 3 * 116 + 4)
     px = np.asarray(pic)
     for r in range(3):
-        y = 4 + r * 116 + 16
+        y = TOP + 4 + r * 116 + 16
         assert np.array_equal(px[y : y + 96, 4:100], a[r])
         assert np.array_equal(px[y : y + 96, 104:200], b[r])
 
 
-def test_gallery_resizes_and_keeps_at_most_twelve_pairs() -> None:
-    small = np.full((20, 32, 32, 3), 200, dtype=np.uint8)
-    ids = np.arange(40).reshape(20, 2)
-    pic = duplicates_gallery(small, small, np.zeros(20), ids)
-    assert pic.size == (204, 12 * 116 + 4)
-    assert np.all(np.asarray(pic)[20:116, 4:100] == 200)
+def test_gallery_resizes_and_says_it_shows_twelve_of_thirteen() -> None:
+    small = np.full((13, 32, 32, 3), 200, dtype=np.uint8)
+    ids = np.arange(26).reshape(13, 2)
+    pic = duplicates_gallery(small, small, np.zeros(13), ids, threshold=0.5)
+    assert pic.size[1] == TOP + 12 * 116 + 4  # twelve rows: one pair each
+    assert np.all(np.asarray(pic)[TOP + 20 : TOP + 116, 4:100] == 200)
+    assert gallery_caption(13, 12, 0.5) == [
+        "12 of 13 near-duplicate pairs shown, closest first",
+        "distance <= 0.5",
+    ]
+    assert gallery_caption(3, 3, 0.5)[0] == "3 near-duplicate pairs"
+    # The caption is drawn: dark pixels above the first row of images, and the picture is as
+    # wide as the caption needs.
+    caption = np.asarray(pic)[:TOP].min(axis=2)
+    assert (caption < 100).sum() > 100 and pic.size[0] > 204
+
+
+def test_no_pairs_is_a_picture_that_says_so() -> None:
+    """Not a blank box: a small picture with the words, drawn in black on white."""
+    empty = np.zeros((0, 96, 96, 3), np.uint8)
+    pic = duplicates_gallery(empty, empty, np.zeros(0), np.zeros((0, 2)), threshold=1.5)
+    px = np.asarray(pic).min(axis=2)
+    assert pic.size[0] >= 240 and pic.size[1] < 100
+    assert (px < 100).sum() > 200  # text, not an empty white box
+    assert gallery_caption(0, 0, 1.5) == [
+        "no near-duplicate pairs",
+        "(no two index images within distance 1.5)",
+    ]
 
 
 def test_summary_is_json_ready() -> None:

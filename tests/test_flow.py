@@ -29,6 +29,7 @@ EXPECTED = {
     "neighbors.parquet",
     "compare.json",
     "results.png",
+    "report.html",
 }
 
 
@@ -54,9 +55,14 @@ def test_flow_on_sample_end_to_end_and_rerun_is_free(
     outputs = state.result()
     out = tmp_path / "out"
     assert {Path(p).name for p in outputs.values()} == EXPECTED
+    assert list(outputs)[-1] == "report"  # printed last by the command line
     assert {p.name for p in out.iterdir()} >= EXPECTED
-    compare = json.loads((out / "compare.json").read_text())
+    compare = json.loads((out / "compare.json").read_text(), parse_constant=_no_constant)
     assert compare["passed"] is True and compare["n_queries"] == 30 and compare["k"] == 3
+    assert compare["mode"] == "benchmark"  # the sample is STL-10: the seed's 9:1 split
+    page = (out / "report.html").read_text()
+    assert "STL-10 benchmark" in page and "Verdict: PASSED" in page
+    assert "random weights" in page
     faiss = compare["backends"]["faiss"]["agreement"]
     assert faiss["max_abs_deviation"] < 1e-3 * faiss["median_neighbor_distance"]
     assert faiss["rows_mismatched"] == 0
@@ -83,6 +89,10 @@ def test_flow_on_sample_end_to_end_and_rerun_is_free(
     assert artifact_keys(again.state_details.flow_run_id) == artifact_keys(
         state.state_details.flow_run_id
     )
+
+
+def _no_constant(name: str) -> None:
+    raise AssertionError(f"compare.json holds {name}: not valid JSON")
 
 
 def flow_run_logs(flow_run_id: UUID, until: str = "Finished in state") -> list[Any]:
@@ -184,3 +194,15 @@ def test_parameter_schema_is_flat_bounded_and_described() -> None:
     assert schema["properties"]["k"]["minimum"] == 1
     assert schema["properties"]["k"]["maximum"] == 1000
     assert schema["required"] == []
+
+
+def test_random_weights_are_said_in_the_run_log(tmp_path: Path, reuse_random_resnet: None) -> None:
+    """The terminal and the UI both read the run's log: it says the weights are random."""
+    state = image_search(
+        source="sample", weights="none", limit=60, out=str(tmp_path / "o"), return_state=True
+    )
+    assert state.is_completed(), state.message
+    logs = flow_run_logs(state.state_details.flow_run_id)
+    warned = [log for log in logs if "random weights" in log.message]
+    assert warned and warned[0].level >= 30  # a warning, not buried among INFO lines
+    assert "not meaningful image descriptors" in warned[0].message

@@ -18,7 +18,7 @@ from tasks.search.backends import (
     to_euclidean,
 )
 from tasks.search.k import check_k as validate_k
-from tasks.search.knn import load_neighbors, search_features
+from tasks.search.knn import leave_one_out, load_neighbors, search_features
 from tasks.storage import RunFolder
 from tasks.types import DataRef, Features
 
@@ -184,3 +184,44 @@ def test_faiss_loads_after_sklearn_so_neither_starves() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "True", proc.stderr[-2000:]
+
+
+def test_leave_one_out_drops_the_query_itself() -> None:
+    qids = np.array([10, 11, 12], dtype=np.int64)
+    nids = np.array([[10, 3, 4, 5], [3, 11, 4, 5], [7, 8, 9, 6]], dtype=np.int64)
+    dist = np.array([[0, 1, 2, 3], [0, 0, 2, 3], [0, 0, 0, 0]], dtype=np.float32)
+    d, n = leave_one_out(qids, dist, nids)
+    # 11 sorted after its exact copy 3; 12 has four copies before itself: the last one goes.
+    assert n.tolist() == [[3, 4, 5], [3, 4, 5], [7, 8, 9]]
+    assert d.tolist() == [[1, 2, 3], [0, 2, 3], [0, 0, 0]]
+    with pytest.raises(ValueError, match="k \\+ 1 >= 2"):
+        leave_one_out(qids, dist[:, :1], nids[:, :1])
+
+
+@pytest.mark.parametrize("name", ["sklearn", "faiss"])
+def test_the_search_stage_leaves_each_index_image_out_of_its_own_answer(
+    name: str, tmp_path: Path
+) -> None:
+    """Queries that are index images (a collection): k neighbours other than the query, equal
+    to the float64 reference among the other images; exact copies find each other at 0."""
+    x = features(200, 32, seed=7)  # rows 4 and 5 are exact copies
+    ids = np.arange(100, 300, dtype=np.int64)
+    ipath, qpath = tmp_path / "index.parquet", tmp_path / "query.parquet"
+    _write_dim(x, ids, ipath)
+    sample = np.array([0, 4, 5, 17, 199])
+    _write_dim(x[sample], ids[sample], qpath)
+    refs = {
+        side: DataRef(uri=str(path), rows=n, fingerprint=side)
+        for side, path, n in (("index", ipath, 200), ("query", qpath, 5))
+    }
+    feats = Features(index=refs["index"], query=refs["query"], model={}, device="cpu")
+    run = search_features(feats, RunFolder(tmp_path / "out"), name, 3, exclude_self=True)
+    assert run.k == 3 and run.details["leave_one_out"] is True
+    qids, dist, nids = load_neighbors(run, tmp_path / "out")
+    assert dist.shape == (5, 3) and not np.any(nids == qids[:, None])
+    assert nids[1, 0] == ids[5] and nids[2, 0] == ids[4]  # the copies, at distance 0
+    assert dist[1, 0] == pytest.approx(0, abs=1e-3)
+    for row, r in enumerate(sample):
+        others = np.delete(np.arange(200), r)
+        ref_d, _ = reference(x[others], x[r : r + 1], 3)
+        np.testing.assert_allclose(dist[row], ref_d[0], rtol=1e-4, atol=1e-3)

@@ -130,6 +130,25 @@ def test_hand_checked_ten_neighbours() -> None:
     assert (a.accuracy[10], b.accuracy[10]) == (0.0, 1.0)
 
 
+def test_leave_one_out_counts_one_relevant_image_fewer() -> None:
+    # A collection of 2 cats and 2 dogs, every image a query, each left out of its own
+    # answer: 3 other images each, so k = 10 is evaluated at 3 and R = 1 for every query.
+    #   cat0 [cat, dog, dog]: AP 1       cat1 [dog, cat, dog]: AP 1/2
+    #   dog0 [dog, cat, cat]: AP 1       dog1 [cat, cat, dog]: AP 1/3
+    q_labels = np.array(["cat", "cat", "dog", "dog"])
+    n_labels = np.array(
+        [["cat", "dog", "dog"], ["dog", "cat", "dog"], ["dog", "cat", "cat"], ["cat", "cat", "dog"]]
+    )
+    q = retrieval_quality(q_labels, n_labels, {"cat": 2, "dog": 2}, leave_one_out=True)
+    assert q.leave_one_out and q.ks == [1, 3] and q.queries_without_relevant == 0
+    assert q.map_at_10 == pytest.approx((1 + 1 / 2 + 1 + 1 / 3) / 4, abs=EXACT)
+    assert q.note is not None and "the index holds 4 images, the query among them" in q.note
+    # Without the flag, 3 neighbours are too few for an index of 4 images held apart.
+    with pytest.raises(ValueError, match="or all 4 labelled index images"):
+        retrieval_quality(q_labels, n_labels, {"cat": 2, "dog": 2})
+    assert "left out of its own answer" in quality_markdown(q)
+
+
 def test_vote_tie_goes_to_the_label_ranked_nearest() -> None:
     # k = 2 and k = 4 are 1:1 and 2:2 ties: the label of the nearest neighbour wins.
     q = retrieval_quality(

@@ -1,17 +1,28 @@
-"""What a person reads: the backends table (verdict first, rounded), the summary, and artifact
-keys that keep each deployment's history apart."""
+"""What a person reads: the backends table (verdict first, rounded), the summary, report.html
+(rendered by Debian's Chromium after a real run, in the e2e tier), and artifact keys that keep
+each deployment's history apart."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import pytest
+from PIL import Image
 
-from tasks.compare import Agreement, BackendResult, Comparison
+from tasks.agreement import Agreement
+from tasks.compare import BackendResult, Comparison
 from tasks.report import artifact_key
+from tasks.report.html import render
 from tasks.report.report import backend_table, summary_markdown
-from tasks.types import DataRef, Features
+from tasks.types import CatalogRef, DataRef, Features
 
 
-def _comparison(faiss_error: float = 2.636845536585497e-06) -> Comparison:
+def _comparison(
+    faiss_error: float = 2.636845536585497e-06, failure: str | None = None
+) -> Comparison:
     agreement = Agreement(
         max_abs_deviation=7.62939453125e-06,
         max_rel_deviation=1.7e-07,
@@ -20,8 +31,11 @@ def _comparison(faiss_error: float = 2.636845536585497e-06) -> Comparison:
         index_agreement=0.999876543,
         rows_identical=29,
         rows_tied=1,
+        rows_tied_exact=0,
+        rows_tied_float32=1,
         rows_mismatched=0,
-        tie_rtol=1e-6,
+        unit_roundoff={"reference": 2**-24, "backend": 2**-24},
+        float32_ties=[],
         tolerance=1.0,
         distances_pass=True,
         passed=True,
@@ -34,7 +48,8 @@ def _comparison(faiss_error: float = 2.636845536585497e-06) -> Comparison:
         k=3,
         tolerance=1.0,
         compared=["faiss"],
-        passed=True,
+        passed=failure is None,
+        failure=failure,
         backends={
             "sklearn": BackendResult(
                 device="cpu",
@@ -95,3 +110,70 @@ def test_artifact_keys_carry_the_deployment(
     if deployment is not None:
         monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", deployment)
     assert artifact_key("backends") == key
+
+
+def _picture(path: Path, shade: int) -> Path:
+    Image.fromarray(np.full((20, 30, 3), shade, np.uint8)).save(path)
+    return path
+
+
+def _page(tmp_path: Path, **kw: Any) -> str:
+    ref = DataRef(uri="/data/catalog.parquet", rows=300, fingerprint="x")
+    feats = Features(
+        index=ref.model_copy(update={"rows": 300}),
+        query=ref.model_copy(update={"rows": 30}),
+        model={"weights": "none", "random_init": True, "input_size": 96},
+        device="cpu",
+    )
+    catalog = CatalogRef(uri=ref.uri, rows=300, fingerprint="c", n_errors=2, labelled=False)
+    args: dict[str, Any] = {
+        "summary": _comparison(),
+        "features": feats,
+        "catalog": catalog,
+        "source": "/photos <&>",
+        "stats": {"listed": 302, "embedded": 290, "duplicates": 10, "errors": 2},
+        "skipped": {"not an image file": 9, "link loop": 1},
+        "errors": ["/photos/a.jpg: empty file", "/photos/b.png: truncated"],
+        "evaluation": {
+            "duplicates": {"n_pairs": 13, "n_exact": 2, "threshold": 0.5},
+            "quality_reason": "the collection carries no labels",
+        },
+        "pictures": {
+            "samples": _picture(tmp_path / "s.png", 10),
+            "results": _picture(tmp_path / "r.png", 20),
+            "duplicates": None,
+        },
+    }
+    args.update(kw)
+    return render(**args)
+
+
+def test_report_page_holds_what_the_artifacts_hold(tmp_path: Path) -> None:
+    page = _page(tmp_path)
+    text = re.sub(r"<[^>]+>", " ", page)
+    assert "Verdict: PASSED" in text and "faiss vs sklearn: agree on 30 queries" in text
+    assert "1 tied within the float32 bound" in text
+    assert "random weights" in text and "weights = none" in text
+    assert "STL-10 benchmark" in text  # the mode, as compare.json says
+    assert "/photos &lt;&amp;&gt;" in page  # everything a user named is escaped
+    assert "not an image file" in text and "link loop" in text  # skipped, by kind
+    assert "/photos/a.jpg: empty file" in text and "First 2 of 2 images" in text
+    assert "No retrieval quality" in text and "carries no labels" in text
+    assert "12 of 13 near-duplicate pairs shown" in text
+    # Pictures travel inside the page; nothing is fetched from anywhere.
+    assert page.count('src="data:image/png;base64,') == 2
+    assert not re.search(r"(src|href)=\"(https?:)?//", page)
+
+
+def test_report_page_of_a_failed_collection_run(tmp_path: Path) -> None:
+    summary = _comparison(failure="faiss disagrees with scikit-learn: 1 query")
+    page = _page(
+        tmp_path,
+        summary=summary.model_copy(update={"mode": "collection", "n_queries": 300}),
+        evaluation={"duplicates": {"n_pairs": 0, "threshold": 0.5}, "quality": None},
+    )
+    text = re.sub(r"<[^>]+>", " ", page)
+    assert "Verdict: FAILED" in text and "faiss disagrees with scikit-learn" in text
+    assert "Collection mode: every usable image (300) is in the index" in text
+    assert "by searching every one of them, each left out of its own answer" in text
+    assert "No near-duplicate pairs" in text

@@ -1,4 +1,5 @@
-"""The seeded index/query split and split.parquet."""
+"""The two modes: STL-10's seeded index/query split, a collection's every image in the index with
+a seeded sample of them as leave-one-out queries; split.parquet."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.errors import ImageSearchError
-from tasks.split import read_split, split_dataset, split_ids
+from tasks.split import (
+    check_collection,
+    read_split,
+    run_mode,
+    sample_queries,
+    split_dataset,
+    split_ids,
+)
 from tasks.storage import RunFolder
 from tasks.types import DataRef
 
@@ -71,7 +79,8 @@ def test_split_parquet_schema_and_rerun(tmp_path: Path) -> None:
     assert run.commit(["split"]) == ["split"]
     path = tmp_path / "split.parquet"
     table = pq.read_table(path)
-    assert table.column_names == ["image_id", "split"]
+    assert table.column_names == ["image_id", "split", "query"]
+    assert table.column("query").to_pylist() == [s == "query" for s in table["split"].to_pylist()]
     assert str(table.schema.field("image_id").type) == "int64"
     assert table.column("image_id").to_pylist() == list(range(50))
     counts = duckdb.sql(
@@ -105,3 +114,41 @@ def test_a_damaged_split_is_recomputed_or_named(tmp_path: Path) -> None:
     run.commit(["split"])
     index_ids, query_ids = read_split(path)
     assert len(index_ids) == len(query_ids) == 10
+
+
+def test_stl10_sources_are_the_benchmark_everything_else_a_collection() -> None:
+    assert run_mode("stl10") == run_mode("stl10-labelled") == "benchmark"
+    for kind in ("folder", "archive", "list", "collection"):
+        assert run_mode(kind) == "collection"
+
+
+def test_a_collection_indexes_every_image_and_samples_its_queries(tmp_path: Path) -> None:
+    ids = list(range(0, 300, 3))  # 100 images with gaps in their ids
+    ref = _catalog(tmp_path, ids)
+    run = RunFolder(tmp_path / "out")
+    out = split_dataset(ref, run, 0.9, 7, mode="collection", n_queries=30)
+    assert (out.n_index, out.n_query) == (100, 30)
+    index_ids, query_ids = read_split(Path(out.uri))
+    assert index_ids.tolist() == ids  # every image is findable
+    assert len(query_ids) == 30 and set(query_ids.tolist()) <= set(ids)
+    np.testing.assert_array_equal(query_ids, sample_queries(np.array(ids), 30, 7))
+    run.commit(["split"])
+    counts = duckdb.sql(
+        f"select split::varchar, query, count(*) from '{tmp_path / 'out' / 'split.parquet'}' "
+        f"group by all order by all"
+    ).fetchall()
+    assert counts == [("index", False, 70), ("index", True, 30)]
+    meta = pq.read_schema(tmp_path / "out" / "split.parquet").metadata
+    assert b'"collection"' in meta[b"image_search.split"]
+    # Fewer images than n_queries: every one of them is a query; the ratio plays no part.
+    every = split_dataset(ref, run, 0.5, 7, mode="collection", n_queries=1000)
+    assert (every.n_index, every.n_query) == (100, 100)
+    assert split_dataset(ref, run, 0.8, 7, mode="collection", n_queries=1000) == every
+
+
+def test_a_collection_needs_k_other_images() -> None:
+    check_collection(4, 3)
+    with pytest.raises(ImageSearchError, match="among 3 image\\(s\\) each one has 2 other"):
+        check_collection(3, 3)
+    with pytest.raises(ImageSearchError, match="has 0 other\\(s\\) to find; lower k or add"):
+        check_collection(1, 1)

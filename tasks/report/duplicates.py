@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from tasks.report.pictures import image_grid
+from tasks.report.pictures import image_grid, text_picture
 from tasks.search.exact import prepare_index, search_prepared
 from tasks.storage import atomic_path
 
@@ -193,18 +193,36 @@ def _tiles(pixels: np.ndarray) -> np.ndarray:
     )
 
 
+def gallery_caption(n_pairs: int, shown: int, threshold: float) -> list[str]:
+    """What the gallery shows, in words: how many pairs of how many, and the threshold."""
+    if n_pairs == 0:
+        return ["no near-duplicate pairs", f"(no two index images within distance {threshold:.3g})"]
+    count = f"{n_pairs} near-duplicate pair{'s' if n_pairs != 1 else ''}"
+    if shown < n_pairs:
+        count = f"{shown} of {n_pairs} near-duplicate pairs shown, closest first"
+    return [count, f"distance <= {threshold:.3g}"]
+
+
 def duplicates_gallery(
     pixels_a: np.ndarray,
     pixels_b: np.ndarray,
     distances: np.ndarray,
     ids: np.ndarray,
+    n_pairs: int | None = None,
+    threshold: float = 0.0,
 ) -> Image.Image:
-    """A picture of the first ``MAX_GALLERY_PAIRS`` pairs, one row each: image a | image b.
+    """A picture of the first ``MAX_GALLERY_PAIRS`` pairs, one row each: image a | image b,
+    under a caption that says how many of the ``n_pairs`` (default: as many as given) it shows.
 
     pixels_a, pixels_b : (m, S, S, 3) uint8, shown at 96 × 96; distances : (m,);
-    ids : (m, 2) image ids (a, b). Captions: a's id; b's id and the distance.
+    ids : (m, 2) image ids (a, b). Titles: a's id; b's id and the distance. Without pairs, a
+    picture that says so.
     """
+    total = len(distances) if n_pairs is None else n_pairs
     m = min(len(distances), MAX_GALLERY_PAIRS)
+    caption = gallery_caption(total, m, threshold)
+    if m == 0:
+        return text_picture(caption)
     ids = np.asarray(ids).reshape(-1, 2)
     a, b = _tiles(pixels_a[:m]), _tiles(pixels_b[:m])
     tiles = np.empty((2 * m, GALLERY_SIDE, GALLERY_SIDE, 3), dtype=np.uint8)
@@ -212,4 +230,4 @@ def duplicates_gallery(
     titles: list[str] = []
     for (ia, ib), dist in zip(ids[:m].tolist(), np.asarray(distances)[:m].tolist(), strict=True):
         titles += [f"#{ia}", f"#{ib} d={dist:.3g}"]
-    return image_grid(tiles, titles, columns=2)
+    return image_grid(tiles, titles, columns=2, caption=caption)

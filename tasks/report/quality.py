@@ -2,7 +2,9 @@
 the queries, overall and per class, as ``quality.json`` and a Markdown table.
 
 Everything here works on labels alone: the neighbours' labels, ranked nearest first, and how many
-index images carry each label. The caller excludes a query's own image from its neighbours.
+index images carry each label. The caller excludes a query's own image from its neighbours; when
+the queries are index images (a collection, leave-one-out), each query's class has one image
+fewer to find, and ``leave_one_out`` says so.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Quality(BaseModel):
     map_at_10: float | None
     queries_without_relevant: int
     per_class: list[ClassQuality]
+    leave_one_out: bool = False
     tie_rule: str = TIE_RULE
     ap_rule: str = AP_RULE
     note: str | None = None
@@ -110,6 +113,7 @@ def retrieval_quality(
     neighbor_labels: np.ndarray,
     index_label_counts: Mapping[str, int],
     ks: Sequence[int] = KS,
+    leave_one_out: bool = False,
 ) -> Quality:
     """Precision@k, kNN-vote accuracy@k and mAP@10, overall and per class.
 
@@ -124,6 +128,9 @@ def retrieval_quality(
     index_label_counts : mapping of shape {label: n_index_images}
         How many index images carry each label: the R of AP@10.
     ks : sequence of int, default (1, 3, 10)
+    leave_one_out : bool, default False
+        The queries are index images left out of their own answers: R of AP@10 is the count
+        of the query's label minus one, and the index holds one image fewer to find.
 
     Returns
     -------
@@ -143,17 +150,19 @@ def retrieval_quality(
         raise ValueError(f"Expected ks to be positive integers, but ks = {list(ks)}")
     big_k = n_labels.shape[1]
     n_index = int(sum(index_label_counts.values()))
+    findable = n_index - int(leave_one_out)
     needed = max(requested[-1], MAP_AT)
-    if big_k < 1 or (big_k < needed and n_index > big_k):
+    if big_k < 1 or (big_k < needed and findable > big_k):
         raise ValueError(
             f"Expected at least max(max(ks), {MAP_AT}) = {needed} neighbours per query (or all "
-            f"{n_index} labelled index images), but neighbor_labels has K = {big_k}"
+            f"{findable} labelled index images), but neighbor_labels has K = {big_k}"
         )
     evaluated = sorted({min(k, big_k) for k in requested})
     note = None
     if big_k < needed:
         note = (
-            f"only {big_k} neighbours per query (the index holds {big_k} images): "
+            f"only {big_k} neighbours per query (the index holds {big_k + int(leave_one_out)} "
+            f"images{', the query among them' if leave_one_out else ''}): "
             f"k above {big_k} is evaluated at k = {big_k}"
         )
 
@@ -174,7 +183,7 @@ def retrieval_quality(
     accuracy = {k: _votes_correct(neighbors, query, k) for k in evaluated}
 
     depth = min(MAP_AT, big_k)
-    r = n_per_class[query]
+    r = n_per_class[query] - int(leave_one_out)
     p_at_i = hits[:, :depth] / np.arange(1, depth + 1)
     ap_sum = (p_at_i * relevant[:, :depth]).sum(axis=1)
     ap = np.where(r > 0, ap_sum / np.maximum(np.minimum(MAP_AT, r), 1), 0.0)
@@ -205,6 +214,7 @@ def retrieval_quality(
         map_at_10=_mean(ap, everyone),
         queries_without_relevant=int((r == 0).sum()),
         per_class=per_class,
+        leave_one_out=leave_one_out,
         note=note,
     )
 
@@ -288,6 +298,8 @@ def quality_markdown(quality: Quality) -> str:
         )
     lines.append("")
     notes = [quality.tie_rule, quality.ap_rule]
+    if quality.leave_one_out:
+        notes.insert(0, "Queries are index images, each left out of its own answer.")
     if quality.n_queries_unlabelled:
         notes.insert(0, f"{quality.n_queries_unlabelled} queries without a label were skipped.")
     if quality.queries_without_relevant:

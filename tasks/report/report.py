@@ -21,8 +21,31 @@ from tasks.report import artifact_key
 from tasks.report.pictures import image_grid, markdown_image, save_png
 from tasks.search.backends import REFERENCE, SearchRun
 from tasks.search.knn import load_neighbors
+from tasks.split import Mode
 from tasks.storage import RunFolder
 from tasks.types import CatalogRef, DataRef, Features
+
+RANDOM_WEIGHTS = (
+    "ResNet50 ran with random weights (weights = none): the search is exact, but the features "
+    "are not meaningful image descriptors, so neighbours need not look alike. Use "
+    "weights = imagenet (or a weights file) for a search by content."
+)
+
+
+def mode_text(mode: Mode, n_index: int, n_queries: int) -> str:
+    """Which mode the run was in, and what that means for the index and the queries."""
+    if mode == "collection":
+        which = "every one of them" if n_queries >= n_index else f"a seeded sample of {n_queries:,}"
+        return (
+            f"Collection mode: every usable image ({n_index:,}) is in the index, so each one can "
+            f"be found. The backends were compared, and quality measured, by searching "
+            f"{which}, each left out of its own answer (leave-one-out)."
+        )
+    return (
+        f"STL-10 benchmark: the index holds {n_index:,} images and {n_queries:,} held-out "
+        f"images query it (a seeded split, or STL-10's own train/test sets); the query images "
+        f"are not in the index."
+    )
 
 
 def _sig(x: float | None, digits: int = 3) -> float | None:
@@ -36,7 +59,13 @@ def backend_table(summary: Comparison) -> list[dict[str, Any]]:
     Numbers are rounded to what a reader compares; every digit is in ``compare.json``.
     """
     rows: list[dict[str, Any]] = []
-    for name, b in summary.backends.items():
+    # The reference, then the others that ran, then the unavailable ones, each by name: the
+    # same order whether the comparison was just made or read back from compare.json.
+    order = sorted(
+        summary.backends.items(),
+        key=lambda nb: (nb[0] != summary.reference, not nb[1].available, nb[0]),
+    )
+    for name, b in order:
         if not b.available:
             rows.append({"backend": name, "status": f"unavailable: {b.reason}", "device": b.device})
             continue
@@ -95,11 +124,8 @@ def summary_markdown(
     where = source or Path(catalog.uri).name
     lines = [f"## image-search: {catalog.rows:,} images from `{where}`", ""]
     if model.get("random_init"):
-        lines += [
-            "> **Warning:** ResNet50 ran with **random weights** (`weights = none`). The search "
-            "is exact, but the features are not meaningful image descriptors.",
-            "",
-        ]
+        lines += [f"> **Warning:** {RANDOM_WEIGHTS}", ""]
+    lines += [f"- **Mode**: {mode_text(summary.mode, features.index.rows, summary.n_queries)}"]
     lines.append(
         f"- **Model**: ResNet50 (no top, max pooling), weights `{model.get('weights')}`, "
         f"{features.index.rows:,} index / {features.query.rows:,} query images, "
@@ -126,8 +152,9 @@ def summary_markdown(
         lines.append(
             f"- **{name} vs {REFERENCE}: {'agree' if b.passed else 'DISAGREE'}** — max "
             f"distance deviation {a.max_abs_deviation:.3g} (tolerance {a.tolerance}), "
-            f"{a.index_agreement:.4%} of neighbour ids equal, {a.rows_tied} tied rows, "
-            f"{a.rows_mismatched} mismatched; {speed}."
+            f"{a.index_agreement:.4%} of neighbour ids equal, {a.rows_tied} tied rows "
+            f"({a.rows_tied_float32} within the float32 bound), {a.rows_mismatched} mismatched; "
+            f"{speed}."
         )
     if not summary.compared:
         lines.append(f"- Only {REFERENCE} ran: nothing to compare.")
@@ -196,7 +223,8 @@ def report(
     n_results: int,
     seed: int,
 ) -> str:
-    """Prefect task: the table, the picture and the summary as artifacts of the run."""
+    """Prefect task: the table, the picture and the summary as artifacts of the run; returns
+    the picture's path."""
     path, markdown, table = make_report(
         summary, runs, features, catalog, RunFolder(Path(out)), n_results, seed
     )
@@ -215,4 +243,4 @@ def report(
         markdown=f"### Queries (left) and their nearest neighbours\n\n{body}",
         description="Random queries with their neighbours and distances",
     )
-    return markdown
+    return str(path)
