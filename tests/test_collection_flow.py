@@ -1,5 +1,6 @@
 """The real flow on your own images: a folder of JPEG/PNG/WebP files in class folders, some of
-them broken, indexed; then grown, shrunk and re-indexed incrementally."""
+them broken, indexed (every usable image, so each one finds itself); then grown, shrunk and
+re-indexed incrementally. A folder of one class measures no quality and says why."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -95,8 +97,17 @@ def test_own_folder_indexes_reports_errors_and_grows_incrementally(
     stats = catalog_stats(out)
     assert (stats["listed"], stats["embedded"], stats["errors"]) == (184, 180, 4)
 
+    # A collection: every usable image is in the index, each is a leave-one-out query.
+    split = pq.read_table(out / "split.parquet").to_pandas()
+    assert (split["split"] == "index").all() and split["query"].all() and len(split) == 180
+    assert pq.read_table(out / "features" / "index.parquet").num_rows == 180
+    compare = json.loads((out / "compare.json").read_text())
+    assert compare["mode"] == "collection" and compare["n_queries"] == 180 and compare["passed"]
+    neighbors = pq.read_table(out / "neighbors.parquet").to_pandas()
+    assert not (neighbors["query_id"] == neighbors["neighbor_id"]).any()  # left out of its own
     quality = json.loads((out / "quality.json").read_text())
-    assert quality["n_queries"] == 18 and quality["precision"]["1"] >= 0.9
+    assert quality["n_queries"] == 180 and quality["precision"]["1"] >= 0.9
+    assert quality["leave_one_out"] is True
     assert {c["label"] for c in quality["per_class"]} == {"class0", "class1", "class2"}
     dup = pq.read_table(out / "duplicates.parquet")
     assert dup.column_names == ["image_id_a", "image_id_b", "distance"]
@@ -199,3 +210,44 @@ def test_labelled_stl10_files_give_a_quality_table(
     assert catalog_stats(out)["duplicates"] == 1 and catalog_stats(out)["embedded"] == 74
     first = catalog.iloc[0]
     assert first["uri"].endswith(f"train_X.bin{SEP}00") and first["label"] == "red"
+
+
+def test_every_image_of_a_collection_finds_itself_first(
+    photos: Path, tmp_path: Path, reuse_random_resnet: None, random_resnet: Any
+) -> None:
+    """Asked through the query core, each usable image of the folder is its own nearest
+    neighbour (or an exact copy of itself is): none is held out of the index."""
+    from tasks.features.model import make_forward
+    from tasks.query import ask, open_index
+
+    out = tmp_path / "out"
+    run(photos, out, n_queries=20)
+    split = pq.read_table(out / "split.parquet").to_pandas()
+    assert len(split) == 180 and split["query"].sum() == 20  # a seeded sample is searched
+    catalog = pq.read_table(out / "catalog.parquet").to_pandas()
+    sha_of = dict(zip(catalog["uri"], catalog["sha256"], strict=True))
+    index = open_index(out)
+    assert len(index) == 180
+    answers = ask(index, make_forward(random_resnet[0]), [str(photos)], k=1)
+    usable = [a for a in answers if a.error is None]
+    assert len(usable) == 180 and len(answers) == 184  # the four broken files are named
+    for answer in usable:
+        (first,) = answer.neighbours
+        assert first.uri == answer.query or sha_of[first.uri] == sha_of[answer.query]
+        assert first.distance < 1e-2
+        assert index.image(first.image_id)[0]  # the image the service shows for this id
+
+
+def test_one_class_folder_gives_no_quality_and_the_report_says_why(
+    tmp_path: Path, reuse_random_resnet: None
+) -> None:
+    images, labels = class_images(12, 1, size=64, seed=3)
+    folder = tmp_path / "only"
+    write_images(folder, images, labels)
+    out = tmp_path / "out"
+    outputs = run(folder, out)
+    assert "quality" not in outputs and not (out / "quality.json").exists()
+    page = (out / "report.html").read_text()
+    assert "No retrieval quality" in page and "quality needs" in page
+    assert "Collection mode: every usable image (12) is in the index" in page
+    assert list(outputs)[-1] == "report"

@@ -177,3 +177,58 @@ def test_report_page_of_a_failed_collection_run(tmp_path: Path) -> None:
     assert "Collection mode: every usable image (300) is in the index" in text
     assert "by searching every one of them, each left out of its own answer" in text
     assert "No near-duplicate pairs" in text
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_report_html_after_a_run_renders_in_chromium(
+    tmp_path: Path, reuse_random_resnet: None
+) -> None:
+    """A real run on a folder leaves report.html; Debian's Chromium opens it offline from the
+    file and shows the verdict, the counts and the pictures (screenshot in
+    test-artifacts/report/)."""
+    from flows.image_search import image_search
+    from tests.test_collection_flow import write_images
+    from tests.test_quality import class_images
+    from tests.test_service_page import CHROMIUM, CHROMIUM_ARGS
+
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    images, labels = class_images(10, 2, size=64, seed=4)
+    write_images(tmp_path / "photos", images, labels)
+    (tmp_path / "photos" / "class0" / "broken.jpg").write_bytes(b"not a picture")
+    out = tmp_path / "out"
+    state = image_search(
+        source=str(tmp_path / "photos"), out=str(out), weights="none", return_state=True
+    )
+    assert state.is_completed(), state.message
+    report = Path(state.result()["report"])
+    assert report == out / "report.html" and report.is_file()
+    shots = Path(__file__).resolve().parents[1] / "test-artifacts" / "report"
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.route("http*://**", lambda route: route.abort())  # offline: nothing may load
+            page.goto(report.as_uri())
+            text = page.inner_text("body")
+            widths = page.eval_on_selector_all(
+                "img", "imgs => Promise.all(imgs.map(i => i.decode().then(() => i.naturalWidth)))"
+            )
+            page.screenshot(path=str(shots / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert "Verdict: PASSED" in text
+    assert "Collection mode: every usable image (20) is in the index" in text
+    assert "random weights" in text
+    assert "usable images" in text and "broken.jpg" in text  # the counts and the first error
+    assert len(widths) == 3 and all(w > 0 for w in widths)  # duplicates, results, samples
+    shot = np.asarray(Image.open(shots / "report.png").convert("L"))
+    assert shot.shape[0] > 900 and shot.std() > 20  # a page with content, not a blank one
+    assert (shot < 128).mean() > 0.01
