@@ -100,6 +100,17 @@ class Comparison(BaseModel):
     backends: dict[str, BackendResult]
 
 
+def _finite(
+    neighbours: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A backend's (query ids, distances, ids) with a NaN or infinite distance read as the
+    largest float32: as wrong as a distance can be (it fails the verdict), yet a number that
+    compare.json, strict JSON, can hold."""
+    qids, dist, nids = neighbours
+    top = float(np.finfo(np.float32).max)
+    return qids, np.nan_to_num(dist, nan=top, posinf=top, neginf=top), nids
+
+
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
@@ -117,7 +128,7 @@ def summarise(
     ran = {r.backend: r for r in runs if r.available}
     if REFERENCE not in ran:
         raise ImageSearchError("the scikit-learn reference did not run; nothing to compare with")
-    loaded = {name: load_neighbors(run, out) for name, run in ran.items()}
+    loaded = {name: _finite(load_neighbors(run, out)) for name, run in ran.items()}
     ref_q, ref_d, ref_i = loaded[REFERENCE]
     ref = ran[REFERENCE]
     exact = exact_distances_from(features)

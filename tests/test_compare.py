@@ -351,3 +351,28 @@ def test_wrong_neighbours_fail_even_when_backends_agree(tmp_path: Path, features
     assert summary.backends["sklearn"].max_abs_error_vs_exact == pytest.approx(2.5)
     assert summary.passed is False  # ... but not with the exact distances
     assert summary.failure is not None and "away from the exact" in summary.failure
+
+
+def test_a_backend_that_returns_nan_fails_in_strict_json(
+    tmp_path: Path, features: Features
+) -> None:
+    """NaN or infinite distances from a broken backend fail the run, and compare.json stays
+    valid JSON (no NaN, no Infinity anywhere)."""
+    bad_d = REF_D.copy()
+    bad_d[1, 2] = np.nan
+    bad_d[2, 0] = np.inf
+    runs = [
+        _run(tmp_path, "sklearn", REF_D, REF_I, 1.0),
+        _run(tmp_path, "faiss", bad_d, REF_I, 0.0),  # no time at all: no speedup either
+    ]
+    run = RunFolder(tmp_path / "out")
+    summary = compare_runs(runs, features, run, tolerance=1.0)
+    run.commit(["compare"])
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"compare.json holds {name}")
+
+    saved = json.loads((run.out / "compare.json").read_text(), parse_constant=refuse)
+    assert saved["passed"] is False and summary.failure is not None
+    faiss = saved["backends"]["faiss"]
+    assert faiss["speedup_search"] is None and faiss["exact_error_pass"] is False

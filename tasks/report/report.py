@@ -26,7 +26,7 @@ from tasks.storage import RunFolder
 from tasks.types import CatalogRef, DataRef, Features
 
 RANDOM_WEIGHTS = (
-    "ResNet50 ran with random weights (weights = none): the search is exact, but the features "
+    "ResNet50 uses random weights (weights = none): the search is exact, but the features "
     "are not meaningful image descriptors, so neighbours need not look alike. Use "
     "weights = imagenet (or a weights file) for a search by content."
 )
