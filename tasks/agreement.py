@@ -6,7 +6,8 @@ Two exact backends that compute distances in float32 (scikit-learn, FAISS, cuML:
 than float32 can resolve; both answers are then right. A row whose ids differ is a *tie* when,
 rank by rank, the exact (float64) distances of the two answers differ by no more than twice the
 larger of the two backends' float32 distance error bounds on that row
-(:func:`float32_distance_error`: its norms, the dimension, the unit roundoff). Anything beyond
+(:func:`tasks.search.core.float32_distance_error`: its norms, the dimension, the unit
+roundoff). Anything beyond
 is a wrong answer and fails the run.
 
 Why twice the bound: if a backend's computed squared distances are within ``E`` of the exact
@@ -19,22 +20,19 @@ the mean ``(a + b) / 2``, ``E`` taken from the backend with the larger unit roun
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
 
 from tasks.errors import ImageSearchError
 from tasks.features.store import load_features
+from tasks.search.core import U32, U_ACC, float32_distance_error
 from tasks.types import Features
 
 EXACT_CHUNK = 512
 MAX_LISTED_TIES = 100  # tied rows listed per backend in compare.json (all are counted)
-U32 = 2.0**-24  # float32 unit roundoff (IEEE round to nearest: NumPy, BLAS and FAISS on a CPU)
-U_GPU = 2.0**-22  # allowed for a GPU's float32 GEMM, whose adders may truncate
 TIE_RULE = (
     "A row whose neighbour ids differ from the reference's is a tie when, rank by rank, the "
     "exact distances of the two answers (sorted) differ by no more than twice the larger of the "
@@ -44,35 +42,9 @@ TIE_RULE = (
 )
 
 
-def float32_distance_error(
-    q_norms: Any, x_norms: Any, dim: int, distances: Any = None, *, u: float = U32
-) -> np.ndarray:
-    """Upper bound (n, k) on |computed − exact| Euclidean distance of a backend that computes
-    squared distances in float32 as ``|q|² + |x|² − 2 q·x``, clamps at 0 and takes the root.
-
-    q_norms (n,); x_norms (n, k) or (n,); distances (n, k): the exact ones, which shrink the
-    bound from ``sqrt(E)`` to ``E / D``, ``E = gamma_(d+2) (|q| + |x|)²``.
-    """
-    q = np.asarray(q_norms, dtype=np.float64)[:, None]
-    x = np.asarray(x_norms, dtype=np.float64)
-    if x.ndim == 1:
-        x = x[:, None]
-    total = q + x
-    n_ops = dim + 2
-    e = n_ops * u / (1.0 - n_ops * u) * total * total
-    rho = np.sqrt(e)
-    d_up = total
-    if distances is not None:
-        d = np.asarray(distances, dtype=np.float64)
-        with np.errstate(divide="ignore"):
-            rho = np.minimum(rho, np.where(d > 0, e / np.where(d > 0, d, 1.0), np.inf))
-        d_up = np.minimum(d, total)
-    return np.asarray(rho * (1.0 + 2.01 * u) + 2.01 * u * d_up + math.ulp(1.0) * total)
-
-
 def unit_roundoff(device: str) -> float:
     """The unit roundoff allowed for a backend's float32 arithmetic on ``device``."""
-    return U_GPU if device == "gpu" else U32
+    return U_ACC if device == "gpu" else U32
 
 
 ExactDistances = Callable[[np.ndarray, np.ndarray], np.ndarray]

@@ -217,8 +217,8 @@ def test_every_image_of_a_collection_finds_itself_first(
 ) -> None:
     """Asked through the query core, each usable image of the folder is its own nearest
     neighbour (or an exact copy of itself is): none is held out of the index."""
+    from tasks.ask import ask, open_index, query_sources
     from tasks.features.model import make_forward
-    from tasks.query import ask, open_index
 
     out = tmp_path / "out"
     run(photos, out, n_queries=20)
@@ -228,7 +228,7 @@ def test_every_image_of_a_collection_finds_itself_first(
     sha_of = dict(zip(catalog["uri"], catalog["sha256"], strict=True))
     index = open_index(out)
     assert len(index) == 180
-    answers = ask(index, make_forward(random_resnet[0]), [str(photos)], k=1)
+    answers = ask(index, make_forward(random_resnet[0]), query_sources([str(photos)]), k=1)
     usable = [a for a in answers if a.error is None]
     assert len(usable) == 180 and len(answers) == 184  # the four broken files are named
     for answer in usable:

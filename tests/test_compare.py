@@ -17,16 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.agreement import (
-    U32,
-    ExactReference,
-    compare_one,
-    exact_distances_from,
-    float32_distance_error,
-    tie_rows,
-)
+from tasks.agreement import ExactReference, compare_one, exact_distances_from, tie_rows
 from tasks.compare import Comparison, compare_runs
 from tasks.search.backends import SearchRun
+from tasks.search.core import U32, float32_distance_error
 from tasks.storage import RunFolder
 from tasks.types import DataRef, Features
 
