@@ -20,7 +20,7 @@ import pytest
 from tasks.agreement import ExactReference, compare_one, exact_distances_from, tie_rows
 from tasks.compare import Comparison, compare_runs
 from tasks.search.backends import SearchRun
-from tasks.search.core import U32, float32_distance_error
+from tasks.search.core import U32, U_ACC, float32_distance_error
 from tasks.storage import RunFolder
 from tasks.types import DataRef, Features
 
@@ -265,12 +265,19 @@ def test_float32_answers_to_near_ties_pass(tmp_path: Path) -> None:
     assert np.isfinite(result.max_rel_deviation)
 
 
-def _run(tmp_path: Path, name: str, d: np.ndarray, i: np.ndarray, search_s: float) -> SearchRun:
+def _run(
+    tmp_path: Path,
+    name: str,
+    d: np.ndarray,
+    i: np.ndarray,
+    search_s: float,
+    device: str = "cpu",
+) -> SearchRun:
     path = tmp_path / f"{name}.npz"
     np.savez(path, query_ids=QIDS, distances=d, neighbor_ids=i)
     return SearchRun(
         backend=name,
-        device="cpu",
+        device=device,
         available=True,
         path=str(path),
         n_queries=3,
@@ -370,3 +377,16 @@ def test_a_backend_that_returns_nan_fails_in_strict_json(
     assert saved["passed"] is False and summary.failure is not None
     faiss = saved["backends"]["faiss"]
     assert faiss["speedup_search"] is None and faiss["exact_error_pass"] is False
+
+
+def test_a_gpu_backend_is_judged_with_the_gpu_roundoff(tmp_path: Path, features: Features) -> None:
+    """cuML's float32 GEMM may truncate in its adders: its rows are judged with the exact
+    core's U_ACC (2^-22), the reference's with 2^-24, and compare.json records both."""
+    runs = [
+        _run(tmp_path, "sklearn", REF_D, REF_I, 1.0),
+        _run(tmp_path, "cuml", REF_D, REF_I, 0.1, device="gpu"),
+    ]
+    summary = compare_runs(runs, features, RunFolder(tmp_path / "out"), tolerance=1.0)
+    agreement = summary.backends["cuml"].agreement
+    assert agreement is not None and agreement.passed
+    assert agreement.unit_roundoff == {"reference": U32, "backend": U_ACC}
