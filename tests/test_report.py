@@ -177,6 +177,10 @@ def test_report_page_of_a_failed_collection_run(tmp_path: Path) -> None:
     assert "Collection mode: every usable image (300) is in the index" in text
     assert "by searching every one of them, each left out of its own answer" in text
     assert "No near-duplicate pairs" in text
+    # Skipped files: named by kind when the catalog pass recorded them, 'none' only when it
+    # recorded none, and no claim at all when it did not record them.
+    assert "passed over" not in re.sub(r"<[^>]+>", " ", _page(tmp_path, skipped=None))
+    assert "passed over no files" in _page(tmp_path, skipped={})
 
 
 @pytest.mark.e2e

@@ -112,9 +112,13 @@ def verdict_html(summary: Comparison) -> str:
 
 
 def catalog_html(
-    catalog: CatalogRef, stats: Mapping[str, int], skipped: Mapping[str, int], errors: list[str]
+    catalog: CatalogRef,
+    stats: Mapping[str, int],
+    skipped: Mapping[str, int] | None,
+    errors: list[str],
 ) -> str:
-    """The catalog's counts, what the listing passed over by kind, and the first errors."""
+    """The catalog's counts, what the listing passed over by kind (None: the catalog pass did
+    not record it), and the first errors."""
     counts = {
         "usable images": catalog.rows,
         "errors": catalog.n_errors,
@@ -131,7 +135,7 @@ def catalog_html(
     if skipped:
         rows = [{"skipped": kind, "files": n} for kind, n in sorted(skipped.items())]
         html += "<p>Files the listing passed over, by kind:</p>" + _table(rows)
-    else:
+    elif skipped is not None:
         html += "<p>The listing passed over no files.</p>"
     if errors:
         html += (
@@ -173,7 +177,7 @@ def render(
     catalog: CatalogRef,
     source: str,
     stats: Mapping[str, int],
-    skipped: Mapping[str, int],
+    skipped: Mapping[str, int] | None,
     errors: list[str],
     evaluation: Mapping[str, Any],
     pictures: Mapping[str, Path | None],
@@ -243,7 +247,7 @@ def write_report(
     info = _catalog_record(catalog)
     cat_meta = read_catalog(Path(catalog.uri)).meta
     source = str(cat_meta.get("collection", {}).get("source", "")) or Path(catalog.uri).name
-    skipped = info.get("skipped") or cat_meta.get("skipped") or {}
+    skipped = info.get("skipped", cat_meta.get("skipped"))
     errors_path = Path(catalog.uri).parent / ERRORS_FILE
     errors = (
         first_errors(read_errors(errors_path)) if catalog.n_errors and errors_path.is_file() else []
@@ -254,7 +258,7 @@ def write_report(
         catalog=catalog,
         source=source,
         stats=dict(info.get("stats") or catalog.stats),
-        skipped={str(k): int(v) for k, v in dict(skipped).items()},
+        skipped=None if skipped is None else {str(k): int(v) for k, v in dict(skipped).items()},
         errors=errors,
         evaluation=evaluation,
         pictures={k: Path(v) if v else None for k, v in pictures.items()},
