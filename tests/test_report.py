@@ -159,6 +159,7 @@ def test_report_page_holds_what_the_artifacts_hold(tmp_path: Path) -> None:
     assert "not an image file" in text and "link loop" in text  # skipped, by kind
     assert "/photos/a.jpg: empty file" in text and "First 2 of 2 images" in text
     assert "No retrieval quality" in text and "carries no labels" in text
+    assert 'href="quality.json"' not in page and 'href="compare.json"' in page
     assert "12 of 13 near-duplicate pairs shown" in text
     # Pictures travel inside the page; nothing is fetched from anywhere.
     assert page.count('src="data:image/png;base64,') == 2

@@ -214,7 +214,7 @@ def render(
         "<h2>Random images of the collection</h2>",
         _picture(pictures.get("samples"), "random images of the collection"),
         "<h2>Files</h2>",
-        _files_list(),
+        _files_list(evaluation.get("quality") is not None),
     ]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -224,8 +224,10 @@ def render(
     )
 
 
-def _files_list() -> str:
-    names = [COMPARE_FILE, NEIGHBORS_FILE, SPLIT_FILE, QUALITY_FILE, DUPLICATES_FILE, ERRORS_FILE]
+def _files_list(quality: bool) -> str:
+    """Links to the run's data files beside the page (quality.json only when it was written)."""
+    names = [COMPARE_FILE, NEIGHBORS_FILE, SPLIT_FILE, DUPLICATES_FILE, ERRORS_FILE]
+    names += [QUALITY_FILE] if quality else []
     return "<ul>" + "".join(f'<li><a href="{n}"><code>{n}</code></a></li>' for n in names) + "</ul>"
 
 
