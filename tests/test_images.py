@@ -156,6 +156,79 @@ def test_folder_listing_labels_and_skips(tmp_path: Path) -> None:
     assert not any("/out/" in i.uri for i in skipped)
 
 
+@pytest.mark.parametrize(
+    ("names", "why"),
+    [
+        (["cat/a.png", "cat/b.png", "cat/c.png"], "there is one class folder ('cat')"),
+        (["cat/a.png", "cat/b.png", "dog/c.png"], "1 class folder(s) hold a single image ('dog')"),
+        (["cat/a.png", "cat/b.png", "dog/c.png", "d.png"], "1 of 4 images are not one folder"),
+    ],
+)
+def test_folder_names_are_labels_only_when_they_are_classes(
+    tmp_path: Path, names: list[str], why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One class, or a class of one image, makes no labels (so no quality measures later); the
+    log says why."""
+    write_tree(tmp_path, names)
+    with caplog.at_level("INFO", logger="tasks.sources.collection"):
+        folder = FolderCollection(str(tmp_path))
+        assert [i.label for i in folder.listing()] == [None] * len(names)
+    assert not folder.has_labels
+    assert f"folder names are not used as labels: {why}" in caplog.text
+
+
+def test_linked_folders_are_followed_once_and_what_is_passed_over_is_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder made of links to folders elsewhere (as /usr/share/wallpapers is) is listed
+    through them; a loop ends, a folder reached twice is listed once under its own path, and
+    every entry passed over is counted by kind."""
+    root = tmp_path / "wallpapers"
+    elsewhere = tmp_path / "themes" / "joy" / "wallpaper"
+    write_tree(elsewhere, ["a.png", "b.png"])
+    (elsewhere / "1920x1080.svg").write_text("<svg/>")
+    write_tree(root / "own", ["c.png", "d.png"])
+    (root / "Joy").symlink_to(elsewhere)  # out of the source: followed, counted
+    (root / "own" / "up").symlink_to(root)  # a loop
+    (root / "again").symlink_to(root / "own")  # the same folder a second time
+    (root / "broken").symlink_to(tmp_path / "nowhere")
+    (root / "left_ptr").write_bytes(b"Xcur")  # a cursor file: no suffix
+    (root / ".directory").write_text("[Desktop Entry]")
+    with caplog.at_level("INFO", logger="tasks.sources.collection"):
+        folder = FolderCollection(str(root))
+        listing = folder.listed()
+    assert [Path(i.uri).relative_to(root).as_posix() for i in listing.items] == [
+        "Joy/a.png",
+        "Joy/b.png",
+        "own/c.png",
+        "own/d.png",
+    ]
+    assert [i.label for i in listing.items] == ["Joy", "Joy", "own", "own"]
+    assert listing.skipped == {
+        ".svg": 1,
+        "no suffix": 1,
+        "hidden": 1,
+        "broken link": 1,
+        "link loop": 1,
+        "folder linked twice": 1,
+    }
+    assert (listing.folders, listing.files) == (2, 7)
+    assert "followed 1 links to folders outside it" in caplog.text
+    assert "passed over 1 .svg, 1 broken link" in caplog.text
+    # Nothing usable: the message says what was there instead.
+    empty = tmp_path / "icons"
+    (empty / "scalable").mkdir(parents=True)
+    for i in range(3):
+        (empty / "scalable" / f"{i}.svg").write_text("<svg/>")
+    (empty / "index.theme").write_text("[Icon Theme]")
+    with pytest.raises(ImageSearchError) as info:
+        FolderCollection(str(empty)).items()
+    assert str(info.value) == (
+        f"No images found in {empty}: 1 folders, 4 files (3 .svg, 1 .theme); supported: .jpg "
+        f".jpeg .png .webp .gif .bmp .tif .tiff. Point source at your images."
+    )
+
+
 def test_a_changed_file_gets_a_new_version(tmp_path: Path) -> None:
     write_tree(tmp_path, ["a.png"])
     before = FolderCollection(str(tmp_path)).listing()[0].version

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tasks.catalog import read_catalog
 from tasks.features.embed import catalog_collection
 from tasks.sources.collection import FolderCollection, is_collection_source, open_collection
 from tasks.storage import RunFolder
@@ -82,6 +83,7 @@ def test_an_s3_folder_is_indexed_and_grows_incrementally(
     for i in range(6):
         fs.pipe(f"photos/shared/{'red' if i < 3 else 'blue'}/{i}.png", png((40 * i, 0, 0)))  # type: ignore[attr-defined]
     fs.pipe("photos/shared/blue/broken.png", b"not a png")  # type: ignore[attr-defined]
+    fs.pipe("photos/shared/notes.txt", b"what these are")  # type: ignore[attr-defined]
     source = "s3://photos/shared"
     assert is_collection_source(source)
     collection = open_collection(source)
@@ -98,6 +100,8 @@ def test_an_s3_folder_is_indexed_and_grows_incrementally(
     cat = catalog_collection(collection, run, spec, batch_size=8, progress=False)
     assert (cat.stats["listed"], cat.stats["embedded"], cat.n_errors) == (7, 6, 1)
     run.commit(["catalog"])
+    # What the listing passed over is recorded with the catalog, by kind.
+    assert read_catalog(tmp_path / "out" / "catalog.parquet").meta["skipped"] == {".txt": 1}
 
     fs.pipe("photos/shared/red/new.png", png((1, 2, 3)))  # type: ignore[attr-defined]
     again = catalog_collection(open_collection(source), run, spec, batch_size=8, progress=False)

@@ -178,6 +178,7 @@ def catalog_collection(
             "next_id": next_id,
             "model_key": key,
             "input_size": spec.input_size,
+            "skipped": collection.skipped,
         }
         write_catalog(stage.path(CATALOG_FILE), table, meta)
         write_errors(stage.path(ERRORS_FILE), errors)
@@ -195,7 +196,9 @@ def catalog_collection(
             stats.errors,
             stats.removed,
         )
-        done = stage.finish(stats=stats.as_dict(), seconds=seconds, compacted=dropped)
+        done = stage.finish(
+            stats=stats.as_dict(), skipped=collection.skipped, seconds=seconds, compacted=dropped
+        )
     stats_now = dict(done["stats"])
     return CatalogRef(
         uri=str(stage.path(CATALOG_FILE)),

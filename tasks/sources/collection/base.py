@@ -13,6 +13,7 @@ import os
 import urllib.parse
 import urllib.request
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -150,11 +151,23 @@ def local_version(st: os.stat_result) -> str:
 
 def folder_labels(rels: list[str], source: str) -> list[str | None]:
     """Labels from class folders (``root/CLASS/image``, as torchvision's ``ImageFolder``) when
-    every image lies exactly one folder deep; otherwise no labels at all."""
+    the layout is one: every image one folder deep, at least two classes, each with at least
+    two images. Otherwise no labels at all, and a log line says why."""
     parts = [PurePosixPath(r.replace(os.sep, "/")).parts for r in rels]
     if not parts:
         return []
+    why = None
+    classes = Counter(p[0] for p in parts)
     if any(len(p) != 2 for p in parts):
+        loose = sum(1 for p in parts if len(p) != 2)
+        why = f"{loose:,} of {len(parts):,} images are not one folder deep (ROOT/CLASS/IMAGE)"
+    elif len(classes) < 2:
+        why = f"there is one class folder ({next(iter(classes))!r}); labels need two or more"
+    elif single := sorted(c for c, n in classes.items() if n < 2):
+        shown = ", ".join(repr(c) for c in single[:5]) + (" ..." if len(single) > 5 else "")
+        why = f"{len(single)} class folder(s) hold a single image ({shown}); each needs two"
+    if why is not None:
+        log.info("%s: folder names are not used as labels: %s", source, why)
         return [None] * len(parts)
     return [p[0] for p in parts]
 

@@ -84,23 +84,41 @@ class FolderCollection(Collection):
         )
 
     def _walk_local(self) -> Listing:
+        """The folder's own sub-folders first, then the linked ones (so a folder reached both
+        ways is listed under its own path); each real folder once."""
         found: list[Item] = []
         skipped: Counter[str] = Counter()
         folders = files = links_out = 0
         real_root = os.path.realpath(self.root)
         root_st = os.stat(self.root)
         visited = {(root_st.st_dev, root_st.st_ino)}
-        # Depth first in name order; each entry carries the real folders above it.
-        stack: list[tuple[str, frozenset[tuple[int, int]]]] = [(self.root, frozenset(visited))]
-        while stack:
-            folder, above = stack.pop()
+        Entry = tuple[str, frozenset[tuple[int, int]]]  # a folder and the real folders above it
+        own: list[Entry] = [(self.root, frozenset(visited))]
+        linked: list[Entry] = []
+        while own or linked:
+            folder, above = own.pop() if own else linked.pop(0)
+            if folder != self.root:
+                try:
+                    st = os.stat(folder)
+                except OSError:
+                    skipped["unreadable folder"] += 1
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if key in visited:
+                    skipped["link loop" if key in above else "folder linked twice"] += 1
+                    continue
+                visited.add(key)
+                above = above | {key}
+                folders += 1
+                if os.path.islink(folder):
+                    real = os.path.realpath(folder)
+                    links_out += os.path.commonpath([real, real_root]) != real_root
             try:
                 with os.scandir(folder) as it:
                     entries = sorted(it, key=lambda e: e.name)
             except OSError:
                 skipped["unreadable folder"] += 1
                 continue
-            subfolders = []
             for entry in entries:
                 try:
                     is_dir = entry.is_dir()
@@ -111,24 +129,8 @@ class FolderCollection(Collection):
                     skipped["hidden"] += 1
                     files += is_file
                 elif is_dir:
-                    if self._skipped(entry.path):
-                        continue
-                    try:
-                        st = os.stat(entry.path)
-                    except OSError:
-                        skipped["unreadable folder"] += 1
-                        continue
-                    key = (st.st_dev, st.st_ino)
-                    if key in visited:
-                        skipped["link loop" if key in above else "folder linked twice"] += 1
-                        continue
-                    visited.add(key)
-                    folders += 1
-                    if entry.is_symlink():
-                        real = os.path.realpath(entry.path)
-                        if os.path.commonpath([real, real_root]) != real_root:
-                            links_out += 1
-                    subfolders.append((entry.path, above | {key}))
+                    if not self._skipped(entry.path):
+                        (linked if entry.is_symlink() else own).append((entry.path, above))
                 elif is_file:
                     files += 1
                     kind = skip_kind(entry.name)
@@ -136,14 +138,11 @@ class FolderCollection(Collection):
                         skipped[kind] += 1
                         continue
                     try:
-                        st = os.stat(entry.path)
+                        found.append(Item(entry.path, local_version(os.stat(entry.path))))
                     except OSError:
                         skipped["vanished while listed"] += 1
-                        continue
-                    found.append(Item(entry.path, local_version(st)))
                 else:
                     skipped["broken link" if entry.is_symlink() else "not a file"] += 1
-            stack.extend(reversed(subfolders))
         if links_out:
             log.info("%s: followed %d links to folders outside it", self.source, links_out)
         found.sort(key=lambda i: i.uri)
