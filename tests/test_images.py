@@ -4,6 +4,7 @@ archives, Parquet/CSV lists of paths and URLs."""
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import zipfile
 from pathlib import Path
@@ -234,6 +235,56 @@ def test_a_changed_file_gets_a_new_version(tmp_path: Path) -> None:
     before = FolderCollection(str(tmp_path)).listing()[0].version
     (tmp_path / "a.png").write_bytes(encode(Image.new("RGB", (30, 20)), "PNG"))
     assert FolderCollection(str(tmp_path)).listing()[0].version != before
+
+
+@pytest.mark.parametrize("how", ["in place", "renamed over"])
+def test_a_change_that_keeps_size_and_mtime_is_still_seen(tmp_path: Path, how: str) -> None:
+    """``cp -p``, ``rsync -a`` or ``touch -r`` can give new bytes the old size and mtime: the
+    version also holds what they cannot keep (the inode, the ctime), as a list's entries do."""
+    write_tree(tmp_path, ["a.png"])
+    path = tmp_path / "a.png"
+    old = path.read_bytes()
+    new = old[:-16] + bytes(16)  # other bytes, the same size
+    (tmp_path / "list.csv").write_text("uri\na.png\n")
+    before = [open_collection(str(tmp_path / s)).listing()[0].version for s in ("", "list.csv")]
+    st = path.stat()
+    if how == "in place":  # cp -p onto the file: same inode, new ctime
+        path.write_bytes(new)
+    else:  # rsync -a: a new file renamed over the old one
+        (tmp_path / ".a.png.tmp").write_bytes(new)
+        os.replace(tmp_path / ".a.png.tmp", path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # touch -r: the old mtime back
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    after = [open_collection(str(tmp_path / s)).listing()[0].version for s in ("", "list.csv")]
+    assert after[0] != before[0] and after[1] != before[1]
+
+
+@pytest.mark.slow
+def test_new_version_strings_reread_once_and_embed_nothing(
+    tmp_path: Path, reuse_random_resnet: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A catalog whose versions were size:mtime (before inode and ctime were part of them) is
+    read again once, and not one image is embedded again: the store is keyed by content."""
+    from tasks.features.embed import catalog_collection
+    from tasks.storage import RunFolder
+    from tasks.types import ModelSpec
+
+    write_tree(tmp_path / "photos", [f"{c}/{i}.png" for c in ("a", "b") for i in range(3)])
+    run, spec = RunFolder(tmp_path / "out"), ModelSpec("none")
+    with monkeypatch.context() as old_versions:
+        old_versions.setattr(
+            "tasks.sources.collection.folder.local_version",
+            lambda st: f"{st.st_size}:{st.st_mtime_ns}",
+        )
+        first = catalog_collection(
+            open_collection(str(tmp_path / "photos")), run, spec, batch_size=8, progress=False
+        )
+    assert first.stats["embedded"] == 6
+    run.commit(["catalog"])
+    again = catalog_collection(
+        open_collection(str(tmp_path / "photos")), run, spec, batch_size=8, progress=False
+    )
+    assert (again.stats["read"], again.stats["embedded"], again.stats["unchanged"]) == (6, 0, 0)
 
 
 def test_tar_and_zip_archives(tmp_path: Path) -> None:

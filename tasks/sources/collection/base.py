@@ -94,7 +94,7 @@ class Kind(Protocol):
 @dataclass(frozen=True)
 class Item:
     """One image of a collection: where it is, a version string that changes when its bytes do
-    (for a local file: size and mtime; an object store's ETag), and its label
+    (for a local file: size, mtime, inode and ctime; an object store's ETag), and its label
     where the layout has one."""
 
     uri: str
@@ -145,8 +145,9 @@ def is_image_name(name: str) -> bool:
 
 
 def local_version(st: os.stat_result) -> str:
-    """A local file's version: size and mtime."""
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    """A local file's version: size and mtime, and what a real change cannot keep (inode, ctime),
+    so a copy that keeps size and mtime (``cp -p``, ``rsync -a``, ``touch -r``) still counts."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
 
 
 def folder_labels(rels: list[str], source: str) -> list[str | None]:
