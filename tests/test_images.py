@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -364,3 +366,141 @@ def test_a_folder_without_images_is_a_clear_error(tmp_path: Path) -> None:
             batch_size=8, progress=False,
         )  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def _dds_of_an_unknown_pixel_format() -> bytes:
+    """A DDS header naming a pixel format no decoder has (Pillow raises NotImplementedError)."""
+    header = struct.pack("<7I", 124, 0x1007, 64, 64, 0, 0, 0) + bytes(44)
+    pixel_format = struct.pack("<2I", 32, 0x4) + b"ABCD" + bytes(20)
+    return b"DDS " + header + pixel_format + struct.pack("<4I", 0x1000, 0, 0, 0) + bytes(4100)
+
+
+def _blp_of_an_unknown_encoding() -> bytes:
+    """A BLP2 header with an encoding Pillow does not know (it raises BLPFormatError)."""
+    header = struct.pack("<I", 1) + bytes([9, 8, 0, 0]) + struct.pack("<2I", 64, 64)
+    return b"BLP2" + header + bytes(5128)
+
+
+def _bigtiff_with_a_strip_beyond_any_file() -> bytes:
+    """A BigTIFF whose strip starts past 2**63 (seeking there raises OverflowError)."""
+    entries = [(256, 16, 16), (257, 16, 16), (258, 3, 8), (259, 3, 1), (262, 3, 1),
+               (273, 16, 2**63 + 5), (277, 3, 1), (278, 16, 16), (279, 16, 256)]  # fmt: skip
+    ifd = struct.pack("<Q", len(entries))
+    for tag, kind, value in entries:
+        packed = struct.pack("<Q", value) if kind == 16 else struct.pack("<H", value) + bytes(6)
+        ifd += struct.pack("<HHQ", tag, kind, 1) + packed
+    return b"II" + struct.pack("<HHHQ", 43, 8, 0, 16) + ifd + bytes(8) + b"\x80" * 256
+
+
+HOSTILE = {
+    "dds-named.png": (_dds_of_an_unknown_pixel_format(), "NotImplementedError"),
+    "blp-named.png": (_blp_of_an_unknown_encoding(), "BLPFormatError"),
+    "bigtiff.tif": (_bigtiff_with_a_strip_beyond_any_file(), "OverflowError"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_whatever_a_decoder_raises_is_that_images_problem(name: str, tmp_path: Path) -> None:
+    """Errors Pillow's plugins raise on hostile bytes are a BadImage naming the error: an error
+    row in a batch (the file is its uri), a query's error, a 415 from the service (was: the run
+    stopped, the service answered 500)."""
+    from fastapi import HTTPException
+
+    from service.app import _decode
+    from tasks.catalog import embed_items
+    from tasks.features.content import EmbeddingStore
+
+    data, error = HOSTILE[name]
+    with pytest.raises(BadImage, match=error):
+        decode_image(data, 32)
+    write_tree(tmp_path / "photos", ["good.png"])
+    (tmp_path / "photos" / name).write_bytes(data)
+    folder = FolderCollection(str(tmp_path / "photos"))
+    items = folder.items()
+    outcomes, embedded = embed_items(
+        folder,
+        items,
+        EmbeddingStore(tmp_path / "out", "test"),
+        lambda: lambda batch: np.zeros((len(batch), 2048), np.float32),
+        input_size=32,
+        batch_size=4,
+        progress=False,
+    )
+    by_name = {Path(i.uri).name: o for i, o in zip(items, outcomes, strict=True)}
+    assert isinstance(by_name["good.png"], tuple) and embedded == 1
+    assert isinstance(by_name[name], str) and error in by_name[name]
+    with pytest.raises(HTTPException) as info:
+        _decode(data, 32, 50_000_000)
+    assert info.value.status_code == 415 and error in str(info.value.detail)
+
+
+def _writable_formats() -> dict[str, bytes]:
+    """A small real image in every format this Pillow writes (and so can read back)."""
+    base = gradient(24, 32)
+    modes = {"MSP": "1", "XBM": "1", "SPIDER": "L", "BLP": "P"}
+    found = {}
+    for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "DDS", "ICO", "PCX", "TGA", "PPM",
+                "SGI", "QOI", "JPEG2000", "MSP", "XBM", "SPIDER", "DIB", "BLP", "ICNS",
+                "AVIF"):  # fmt: skip
+        try:
+            found[fmt] = encode(base.convert(modes.get(fmt, "RGB")), fmt)
+        except (KeyError, OSError, ValueError):
+            continue  # a codec this build of Pillow lacks
+    return found
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's notes on the damage it meets
+def test_fuzzed_images_of_every_format_decode_or_are_refused() -> None:
+    """Seeded mutations of real small images of every format (a bounded number each): each one
+    decodes to (32, 32, 3) or is a BadImage; nothing else escapes the decode rule."""
+    formats = _writable_formats()
+    assert {"PNG", "JPEG", "GIF", "TIFF", "WEBP", "DDS"} <= formats.keys()
+    rng = np.random.default_rng(0)
+    outcomes: dict[str, int] = {"decoded": 0, "refused": 0}
+    for data in formats.values():
+        for _ in range(40):
+            mutated = bytearray(data)
+            for _ in range(int(rng.integers(1, 9))):
+                header = rng.random() < 0.7
+                at = int(rng.integers(0, min(len(mutated), 64) if header else len(mutated)))
+                mutated[at] = int(rng.integers(0, 256))
+            if rng.random() < 0.2:
+                mutated = mutated[: int(rng.integers(1, len(mutated)))]
+            try:
+                assert decode_image(bytes(mutated), 32).pixels.shape == (32, 32, 3)
+                outcomes["decoded"] += 1
+            except BadImage:
+                outcomes["refused"] += 1
+    assert outcomes["decoded"] > 0 and outcomes["refused"] > 0, outcomes
+
+
+def test_a_thin_image_is_never_enlarged_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An 8×200,000 PNG (a few KB) would be enlarged to 96×2,400,000 (690 MB) before the crop:
+    only the part the crop keeps is computed, and it matches the whole resize within ±2."""
+    thin = encode(gradient(8, 200_000).convert("L"), "PNG", optimize=True)
+    assert len(thin) < 500_000
+    sizes: list[tuple[int, int]] = []
+    resize = Image.Image.resize
+
+    def spy(self: Image.Image, size: tuple[int, int], *args: Any, **kwargs: Any) -> Image.Image:
+        sizes.append(size)
+        if size[0] * size[1] > 96 * 200_000:  # the whole enlargement: not worth allocating here
+            return Image.new(self.mode, (96, 96))
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    out = decode_image(thin, 96)
+    assert out.pixels.shape == (96, 96, 3) and (out.width, out.height) == (8, 200_000)
+    assert max(w * h for w, h in sizes) <= 96 * 200_000  # never the 2.4 M-row enlargement
+    # Where the whole resize is affordable, both ways agree to rounding.
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    small = gradient(9, 700)
+    whole = fit(small, 96)
+    monkeypatch.setattr("tasks.sources.images.MAX_ENLARGED_PIXELS", 1000)
+    part = fit(small, 96)
+    assert np.abs(whole.astype(int) - part.astype(int)).max() <= 2
+    # Ordinary images, shrunk or enlarged, take the whole resize exactly as before.
+    for w, h in ((300, 200), (60, 40)):
+        whole_resize = gradient(w, h).resize((144, 96), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        expected = np.asarray(whole_resize.crop((24, 0, 120, 96)))
+        assert np.array_equal(fit(gradient(w, h), 96), expected)
