@@ -56,6 +56,12 @@ register(
     "Re-index a folder grown by 1 % against a cold index",
 )
 register(
+    "archives",
+    "benchmarks.archives:archives",
+    "Stream a tar archive of images (peak memory vs a folder) and read one member alone",
+    default=False,
+)
+register(
     "embed",
     "benchmarks.pipeline:embed_overhead",
     "Embed stage throughput over a bare forward pass",

@@ -107,3 +107,15 @@ def test_an_s3_folder_is_indexed_and_grows_incrementally(
     again = catalog_collection(open_collection(source), run, spec, batch_size=8, progress=False)
     assert again.stats["embedded"] == 1 and again.stats["unchanged"] == 6
     assert again.stats["read"] == 2  # the new object and the broken one, tried again
+
+
+def test_a_key_with_double_colons_is_an_image_like_any_other(bucket: object) -> None:
+    """fsspec would read ``a::b.png`` as a chain of two URLs (and stop the run with a
+    TypeError); the key is read as the name it is."""
+    fs = bucket
+    fs.pipe("photos/odd/a::b.png", png((1, 2, 3)))  # type: ignore[attr-defined]
+    fs.pipe("photos/odd/c.png", png((4, 5, 6)))  # type: ignore[attr-defined]
+    collection = open_collection("s3://photos/odd")
+    items = collection.items()
+    assert [i.uri for i in items] == ["s3://photos/odd/a::b.png", "s3://photos/odd/c.png"]
+    assert list(collection.stream(items)) == [png((1, 2, 3)), png((4, 5, 6))]

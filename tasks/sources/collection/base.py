@@ -300,7 +300,7 @@ def read_local(path: str) -> bytes:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_IMAGE_BYTES:
                 raise BadImage(f"file too large: {size:,} bytes (limit {MAX_IMAGE_BYTES:,})")
-            return f.read(MAX_IMAGE_BYTES + 1)
+            return f.read()  # not read(MAX + 1): that allocates the whole cap first
     except FileNotFoundError as exc:
         raise BadImage("no such file") from exc
     except IsADirectoryError as exc:
