@@ -248,7 +248,7 @@ def test_a_change_that_keeps_size_and_mtime_is_still_seen(tmp_path: Path, how: s
     old = path.read_bytes()
     new = old[:-16] + bytes(16)  # other bytes, the same size
     (tmp_path / "list.csv").write_text("uri\na.png\n")
-    before = [open_collection(str(tmp_path / s)).listing()[0].version for s in ("", "list.csv")]
+    before = [open_collection(str(tmp_path / s)).listing()[0].version for s in ["", "list.csv"]]
     st = path.stat()
     if how == "in place":  # cp -p onto the file: same inode, new ctime
         path.write_bytes(new)
@@ -257,7 +257,7 @@ def test_a_change_that_keeps_size_and_mtime_is_still_seen(tmp_path: Path, how: s
         os.replace(tmp_path / ".a.png.tmp", path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # touch -r: the old mtime back
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
-    after = [open_collection(str(tmp_path / s)).listing()[0].version for s in ("", "list.csv")]
+    after = [open_collection(str(tmp_path / s)).listing()[0].version for s in ["", "list.csv"]]
     assert after[0] != before[0] and after[1] != before[1]
 
 
