@@ -14,9 +14,8 @@ from tasks.errors import ImageSearchError, param
 from tasks.fingerprints import sampled_fingerprint
 from tasks.sources.archive import extract_members
 from tasks.sources.cache import data_lock, default_data_dir, verify_file
-from tasks.sources.collection import not_a_source, stl10_form
-from tasks.sources.collection.base import locate
 from tasks.sources.fetch import download_file
+from tasks.sources.located import locate, not_a_source
 from tasks.sources.sample import ensure_sample
 from tasks.sources.stl10 import (
     EXTRACT_DIR,
@@ -29,6 +28,7 @@ from tasks.sources.stl10 import (
     WANTED,
     Checksums,
     dataset_ref,
+    stl10_form,
 )
 from tasks.types import DataRef
 
@@ -41,7 +41,7 @@ def download_and_extract(
     """Make ``unlabeled_X.bin`` available from ``source`` and return a reference to it.
 
     ``source``: any form of STL-10 the registry recognises (see
-    :func:`tasks.sources.collection.stl10_form`): an http(s) URL of the tarball, a local tarball
+    :func:`tasks.sources.stl10.stl10_form`): an http(s) URL of the tarball, a local tarball
     (also as a ``file://`` URL), a folder with the extracted files, a ``.bin`` file in the STL-10
     binary format (used as is, not checksummed), or ``sample``. A verified copy in the cache
     means no network access at all. One download attempt per call:

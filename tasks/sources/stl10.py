@@ -1,16 +1,19 @@
 """STL-10's binary format and its official files: decode as a memory map of (N, 96, 96, 3)
-uint8 without reading it, and the checks that say whether a file can be one."""
+uint8 without reading it, the checks that say whether a file can be one, and which form of
+STL-10 a source is."""
 
 from __future__ import annotations
 
 import mmap
+import tarfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from tasks.errors import ImageSearchError, param
 from tasks.fingerprints import fingerprint
+from tasks.sources.located import ARCHIVE_SUFFIXES, IMAGE_SUFFIXES, LIST_SUFFIXES, Located
 from tasks.types import DataRef
 
 OFFICIAL_URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
@@ -132,3 +135,49 @@ def release_pages(images: np.ndarray) -> None:
         base = getattr(base, "base", None)
     if base is not None and hasattr(mmap, "MADV_DONTNEED"):
         base._mmap.madvise(mmap.MADV_DONTNEED)  # type: ignore[attr-defined]
+
+
+def stl10_form(source: Located) -> str | None:
+    """Which form of STL-10 ``source`` is: 'sample', 'url', 'folder' (holding the extracted
+    files or the tarball), 'bin', 'tarball' (any file that is not an image, a list or an archive
+    of images: its MD5 says whether it is the tarball), or None when it is not STL-10."""
+    if source.text == "sample":
+        return "sample"
+    if source.scheme in ("http", "https"):
+        return "url"
+    if source.path is None:
+        return None
+    path, name = source.path, source.name
+    if path.is_dir():
+        stl10 = (path / UNLABELED, path / EXTRACT_DIR / UNLABELED, path / TARBALL_NAME)
+        return "folder" if any(p.exists() for p in stl10) else None
+    if not path.is_file():
+        return None
+    if name.endswith(".bin"):
+        return "bin"
+    if name == TARBALL_NAME:
+        return "tarball"
+    if name.endswith((*LIST_SUFFIXES, *IMAGE_SUFFIXES)):
+        return None
+    if name.endswith(ARCHIVE_SUFFIXES):
+        return "tarball" if _holds_stl10(path) else None
+    return "tarball"
+
+
+def _holds_stl10(archive: Path) -> bool:
+    """Whether a tar archive is laid out like STL-10's (its first members say so)."""
+    if archive.name.lower().endswith(".zip"):
+        return False
+    wanted = {UNLABELED, *LABELLED}
+    try:
+        with tarfile.open(archive) as tf:
+            for member in tf:
+                if PurePosixPath(member.name).name in wanted:
+                    return True
+                if member.name.startswith(f"{EXTRACT_DIR}/"):
+                    return True
+                if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES):
+                    return False
+    except (OSError, tarfile.TarError, EOFError):
+        return False
+    return False

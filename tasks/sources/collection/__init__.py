@@ -19,10 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import ImageSearchError, param
+from tasks.errors import ImageSearchError
 from tasks.sources.collection.archive import ARCHIVE, ArchiveCollection
 from tasks.sources.collection.base import (
-    IMAGE_SUFFIXES,
     MAX_IMAGE_BYTES,
     SEP,
     Collection,
@@ -30,16 +29,17 @@ from tasks.sources.collection.base import (
     Item,
     Kind,
     Listing,
-    Located,
     Request,
     is_image_name,
-    locate,
     read_uri,
 )
-from tasks.sources.collection.folder import FOLDER, OBJECT_STORES, FolderCollection
+from tasks.sources.collection.folder import FOLDER, FolderCollection
 from tasks.sources.collection.imagelist import LIST, ListCollection
-from tasks.sources.collection.stl10 import STL10, LabelledStl10, Stl10Collection, stl10_form
+from tasks.sources.collection.stl10 import STL10, LabelledStl10, Stl10Collection
 from tasks.sources.images import BadImage
+from tasks.sources.located import IMAGE_SUFFIXES, Located, locate, not_a_source
+from tasks.sources.resolve import download_and_extract
+from tasks.types import DataRef
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -62,7 +62,6 @@ __all__ = [
     "open_source",
     "read_uri",
     "reopen",
-    "stl10_form",
 ]
 
 KINDS: tuple[Kind, ...] = (STL10, FOLDER, LIST, ARCHIVE)
@@ -70,33 +69,6 @@ COLLECTIONS: dict[str, type[Collection]] = {
     cls.kind: cls
     for cls in (Stl10Collection, LabelledStl10, FolderCollection, ArchiveCollection, ListCollection)
 }
-
-
-def not_a_source(source: Located) -> ImageSearchError:
-    """Why no kind recognises ``source``, and what would be."""
-    if source.scheme:
-        return ImageSearchError(
-            f"Unsupported source {source.text!r}: scheme {source.scheme!r} is not one of http, "
-            f"https, file (STL-10) or {', '.join(OBJECT_STORES[:-1])} (a folder of images). Use "
-            f"a URL, a tarball path, a folder, an archive or list of images, a .bin file or "
-            f"'sample'."
-        )
-    if source.path is not None and source.path.is_file() and is_image_name(source.name):
-        return ImageSearchError(
-            f"Source {source.text!r} is a single image; point {param('source')} at the folder "
-            f"that holds your images, a tar/zip archive of them, or a .parquet/.csv list of "
-            f"their paths or URLs."
-        )
-    if source.path is not None and source.path.exists():
-        return ImageSearchError(
-            f"Source {source.text!r} is neither a folder, a file nor a URL image-search can "
-            f"read; use a folder, archive or .parquet/.csv list of your images, or STL-10."
-        )
-    return ImageSearchError(
-        f"Source {source.text!r} is neither a URL, an existing file or folder, nor 'sample'. "
-        f"Use a folder, archive or .parquet/.csv list of your images, the STL-10 URL, a path to "
-        f"its tarball, a folder with its unlabeled_X.bin, or {param('source')} sample."
-    )
 
 
 def kind_of(source: Located, request: Request, kinds: Iterable[Kind] = KINDS) -> Kind:
@@ -107,9 +79,7 @@ def kind_of(source: Located, request: Request, kinds: Iterable[Kind] = KINDS) ->
     raise not_a_source(source)
 
 
-def _one_attempt(source: str, data_dir: str | None) -> Any:
-    from tasks.sources.resolve import download_and_extract
-
+def _one_attempt(source: str, data_dir: str | None) -> DataRef:
     return download_and_extract(source, Path(data_dir) if data_dir else None)
 
 

@@ -23,19 +23,18 @@ from typing import Any, ClassVar
 
 from tasks.errors import ImageSearchError
 from tasks.sources.collection.base import (
-    ARCHIVE_SUFFIXES,
     MAX_IMAGE_BYTES,
     SEP,
     Collection,
     Fetch,
     Item,
     Listing,
-    Located,
     Request,
     folder_labels,
     skip_kind,
 )
 from tasks.sources.images import BadImage
+from tasks.sources.located import ARCHIVE_SUFFIXES, Located
 
 ARCHIVE_ERRORS = (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError)
 COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz

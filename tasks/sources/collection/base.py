@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import urllib.parse
-import urllib.request
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,14 +22,12 @@ from tasks.errors import ImageSearchError, TransientNetworkError, param
 from tasks.hardware import cpu_count
 from tasks.layout import TEMP_PREFIX
 from tasks.sources.images import BadImage, Decoded, decode_image, open_image
+from tasks.sources.located import IMAGE_SUFFIXES, Located
 from tasks.sources.stl10 import check_limit
 from tasks.types import DataRef
 
 log = logging.getLogger("tasks.sources.collection")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
-LIST_SUFFIXES = (".parquet", ".csv")
 SEP = "::"
 MAX_IMAGE_BYTES = 256 * 2**20  # one image file larger than this is refused, not read
 URL_READ_TIMEOUT_S = 30.0  # the longest wait for the next bytes of one image from a URL
@@ -48,32 +44,6 @@ class Request:
     limit: int | None = None
     data_dir: Path | None = None
     skip: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Located:
-    """A source as the kinds see it: the text as given (trimmed), its URL scheme ('' for a
-    local path), and the local path (a ``file://`` URL is its path)."""
-
-    text: str
-    scheme: str
-    path: Path | None
-
-    @property
-    def name(self) -> str:
-        return self.path.name.lower() if self.path is not None else ""
-
-
-def locate(source: str) -> Located:
-    """``source`` parsed once, for every kind to look at."""
-    text = source.strip()
-    if "://" not in text:
-        return Located(text, "", Path(text).expanduser())
-    scheme = text.split("://", 1)[0].lower()
-    if scheme == "file":
-        path = urllib.request.url2pathname(urllib.parse.urlparse(text).path)
-        return Located(text, "", Path(path))
-    return Located(text, scheme, None)
 
 
 # The STL-10 download: (source, data cache or None) -> the verified unlabeled_X.bin. The flow

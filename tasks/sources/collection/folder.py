@@ -14,7 +14,6 @@ from tasks.sources.collection.base import (
     Fetch,
     Item,
     Listing,
-    Located,
     Request,
     folder_labels,
     local_version,
@@ -23,9 +22,7 @@ from tasks.sources.collection.base import (
     read_local,
     skip_kind,
 )
-
-# Folders on these fsspec file systems are collections (s3fs, gcsfs, adlfs: install the extra).
-OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")
+from tasks.sources.located import OBJECT_STORES, Located
 
 
 class FolderCollection(Collection):

@@ -9,16 +9,15 @@ from typing import Any, ClassVar
 
 from tasks.errors import ImageSearchError
 from tasks.sources.collection.base import (
-    LIST_SUFFIXES,
     Collection,
     Fetch,
     Item,
     Listing,
-    Located,
     Request,
     local_version,
     read_uri,
 )
+from tasks.sources.located import LIST_SUFFIXES, Located
 
 URI_COLUMNS = ("uri", "path", "url", "file", "filename")
 

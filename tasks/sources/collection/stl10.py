@@ -4,35 +4,32 @@ or its labelled sets (training images indexed, test images querying them)."""
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from tasks.errors import ImageSearchError, param
+from tasks.sources.cache import default_data_dir
 from tasks.sources.collection.base import (
-    ARCHIVE_SUFFIXES,
-    IMAGE_SUFFIXES,
-    LIST_SUFFIXES,
     SEP,
     Collection,
     Fetch,
     Item,
     Listing,
-    Located,
     Request,
 )
 from tasks.sources.images import BadImage, Decoded, encode_png, fit
+from tasks.sources.located import Located
+from tasks.sources.resolve import labelled_folder
+from tasks.sources.sample import ensure_labelled_sample
 from tasks.sources.stl10 import (
     EXTRACT_DIR,
     IMAGE_BYTES,
-    LABELLED,
-    TARBALL_NAME,
-    UNLABELED,
     read_all_images,
     release_pages,
+    stl10_form,
     with_limit,
 )
 
@@ -180,52 +177,6 @@ class LabelledStl10(Collection):
         return {"kind": self.kind, "source": str(self.folder)}
 
 
-def stl10_form(source: Located) -> str | None:
-    """Which form of STL-10 ``source`` is: 'sample', 'url', 'folder' (holding the extracted
-    files or the tarball), 'bin', 'tarball' (any file that is not an image, a list or an archive
-    of images: its MD5 says whether it is the tarball), or None when it is not STL-10."""
-    if source.text == "sample":
-        return "sample"
-    if source.scheme in ("http", "https"):
-        return "url"
-    if source.path is None:
-        return None
-    path, name = source.path, source.name
-    if path.is_dir():
-        stl10 = (path / UNLABELED, path / EXTRACT_DIR / UNLABELED, path / TARBALL_NAME)
-        return "folder" if any(p.exists() for p in stl10) else None
-    if not path.is_file():
-        return None
-    if name.endswith(".bin"):
-        return "bin"
-    if name == TARBALL_NAME:
-        return "tarball"
-    if name.endswith((*LIST_SUFFIXES, *IMAGE_SUFFIXES)):
-        return None
-    if name.endswith(ARCHIVE_SUFFIXES):
-        return "tarball" if _holds_stl10(path) else None
-    return "tarball"
-
-
-def _holds_stl10(archive: Path) -> bool:
-    """Whether a tar archive is laid out like STL-10's (its first members say so)."""
-    if archive.name.lower().endswith(".zip"):
-        return False
-    wanted = {UNLABELED, *LABELLED}
-    try:
-        with tarfile.open(archive) as tf:
-            for member in tf:
-                if PurePosixPath(member.name).name in wanted:
-                    return True
-                if member.name.startswith(f"{EXTRACT_DIR}/"):
-                    return True
-                if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES):
-                    return False
-    except (OSError, tarfile.TarError, EOFError):
-        return False
-    return False
-
-
 class Stl10Kind:
     """STL-10 in any of its forms (see :func:`stl10_form`), and every source when its labelled
     sets are asked for."""
@@ -246,10 +197,6 @@ class Stl10Kind:
         if request.stl10_set != "labelled":
             dataset = with_limit(fetch(source.text, data_dir), request.limit)
             return Stl10Collection(dataset.uri, dataset.rows)
-        from tasks.sources.cache import default_data_dir
-        from tasks.sources.resolve import labelled_folder
-        from tasks.sources.sample import ensure_labelled_sample
-
         if request.limit is not None:
             raise ImageSearchError(
                 f"{param('limit')} applies to the unlabeled set; leave it empty with "
