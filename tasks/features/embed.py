@@ -133,13 +133,7 @@ def catalog_collection(
 ) -> CatalogRef:
     """``catalog.parquet`` and ``errors.parquet`` of ``collection``, every new content embedded
     into the store; nothing at all is read when the listing and model are those of the last run."""
-    items = collection.items()
-    if not items:
-        raise ImageSearchError(
-            f"Source {collection.source!r} holds no images (looked for "
-            f".jpg .jpeg .png .webp .gif .bmp .tif .tiff files); point {param('source')} at your "
-            f"images."
-        )
+    items = collection.items()  # a source without one usable image was refused by its listing
     key = spec.key()
     content = EmbeddingStore(run.out, key)
     stage = run.stage(

@@ -9,6 +9,7 @@ suite fast; ``test_bad_input_in_real_processes`` runs representative ones as rea
 from __future__ import annotations
 
 import json
+import re
 import resource
 import shutil
 import signal
@@ -72,7 +73,14 @@ def run_cli(args: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, st
     return code, out + err
 
 
+def as_fields(message: str) -> str:
+    """``message`` as the run's record words it: settings as form fields, not options."""
+    return re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), message)
+
+
 def assert_user_error(code: int, output: str, message: str, flow_failed: bool = True) -> None:
+    """The command line printed ``message`` (settings as options) with no traceback; the run
+    it started, if any, is Failed with the same message in form-field words."""
     assert code == (1 if flow_failed else 2), output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert message in output, output[-3000:]
@@ -80,7 +88,7 @@ def assert_user_error(code: int, output: str, message: str, flow_failed: bool = 
         assert "image-search: error: " in output
         state = latest_flow_run().state
         assert state.is_failed(), state
-        assert message in (state.message or ""), state.message
+        assert as_fields(message) in (state.message or ""), state.message
 
 
 # -- parameters the form and the command line refuse: exit 2, no flow run at all ---------------
@@ -157,8 +165,14 @@ def _empty_bin(tmp: Path) -> Path:
         (["--source", "ftp://example.org/x.tar.gz"], "Unsupported source 'ftp://example.org/x"),
         (["--source", "/nonexistent/stl10"], "Source '/nonexistent/stl10' is neither a URL"),
         (["--limit", "5000"], "limit = 5,000 but the dataset holds only 2,000 images; use a lim"),
-        (["--split-ratio", "0.999"], "split_ratio = 0.999 of 100 images leaves 100 index and 0 q"),
-        (["--split-ratio", "0.001"], "split_ratio = 0.001 of 100 images leaves 0 index and 100 q"),
+        (
+            ["--split-ratio", "0.999"],
+            "--split-ratio = 0.999 of 100 images leaves 100 index and 0 q",
+        ),
+        (
+            ["--split-ratio", "0.001"],
+            "--split-ratio = 0.001 of 100 images leaves 0 index and 100 q",
+        ),
         (["--k", "500"], "Expected k <= n_index, but n_index = 90, k = 500; lower --k or use"),
         (["--weights", "/nonexistent/w.h5"], "weights = '/nonexistent/w.h5': no such file"),
         (["--source", "{odd}"], "bytes, not a multiple of 27,648"),
@@ -187,7 +201,7 @@ def test_empty_split_is_refused_before_anything_is_written(
     before = snapshot(baseline.data, out)
     args = baseline.args("--limit", "10", "--split-ratio", "0.99", out=out)
     code, output = run_cli(args, capfd)
-    assert_user_error(code, output, "split_ratio = 0.99 of 10 images leaves 10 index and 0 query")
+    assert_user_error(code, output, "--split-ratio = 0.99 of 10 images leaves 10 index and 0 query")
     assert_unchanged(before, baseline.data, out)
 
 
