@@ -28,10 +28,12 @@ __all__ = [
     "first_k",
     "float32_distance_error",
     "float32_score_error",
+    "float32_score_terms",
     "gamma",
     "lowest_k",
     "measure",
     "namespace",
+    "per_row",
     "run_blocks",
     "select_k",
 ]
@@ -77,7 +79,7 @@ def as_matrix(x: Any, name: str, xp: Any = np) -> Any:
     A C-contiguous float32 array (a memory map too) is used as it is, never copied; NaN and
     infinity are looked for a slice at a time.
     """
-    arr = xp.asarray(x) if not isinstance(x, np.ndarray) else x
+    arr = xp.asarray(x)  # a memory map stays a view of its file
     if arr.ndim != 2:
         raise ValueError(
             f"Expected {name} to be a 2-D array of shape (n_{name}, d), "
@@ -209,6 +211,17 @@ def first_k(dist: Any, pos: Any, k: int, xp: Any = np) -> tuple[Any, Any]:
     return xp.take_along_axis(dist, order, axis=1), xp.take_along_axis(pos, order, axis=1)
 
 
+def per_row(xp: Any, r: Any, values: Any, rows: int, fill: float) -> tuple[Any, Any]:
+    """Pairs sorted by row ``r`` -> a (rows, width) matrix of ``values`` padded with ``fill``
+    (width at least 1), and the count per row."""
+    counts = xp.bincount(r, minlength=rows)
+    width = int(counts.max()) if r.shape[0] else 0
+    out = xp.full((rows, max(width, 1)), fill, dtype=values.dtype)
+    start = xp.cumsum(counts) - counts
+    out[r, xp.arange(r.shape[0]) - start[r]] = values
+    return out, counts
+
+
 def float32_score_error(q_norms: Any, x_norm: Any, dim: int, u: float = U32) -> Any:
     """Upper bound on |fl(h - fl(q.x)) - (|x|^2/2 - q.x)|, ``h = fl32(|x|^2/2)``: the error
     of the exact kernel's float32 ranking score, per query (broadcast against ``x_norm``).
@@ -218,8 +231,15 @@ def float32_score_error(q_norms: Any, x_norm: Any, dim: int, u: float = U32) -> 
     ``u (|x|^2 + |q||x|)``. With ``gamma_d <= 1.01 d u`` this is below
     ``(d + 4) u (|q||x| + |x|^2) 1.01``.
     """
-    qx = q_norms * x_norm
-    return (dim + 4) * u * (qx + x_norm * x_norm) * 1.01
+    per_q, fixed = float32_score_terms(x_norm, dim, u)
+    return q_norms * per_q + fixed
+
+
+def float32_score_terms(x_norms: Any, dim: int, u: float = U32) -> tuple[Any, Any]:
+    """``(c |x|, c |x|^2)``, ``c = (d + 4) u 1.01``: :func:`float32_score_error` is
+    ``|q| c |x| + c |x|^2``, so a row's own bound costs two operations per query."""
+    c = (dim + 4) * u * 1.01
+    return c * x_norms, c * x_norms * x_norms
 
 
 def float32_distance_error(

@@ -22,7 +22,9 @@ from tasks.search.core import (
     default_block,
     first_k,
     float32_score_error,
+    float32_score_terms,
     measure,
+    per_row,
     run_blocks,
     select_k,
 )
@@ -51,11 +53,16 @@ class PreparedIndex:
         ``|x|² / 2`` per row, the index's share of the ranking score.
     max_norm : float
         Largest ``|x|`` (float64): scales the float32 error bound of every score.
+    norms_bound_q, norms_bound_x : ndarray of shape (n_index,), float32
+        ``c |x|`` and ``c |x|²`` with ``c = (d + 4) u 1.01``: each row's own score bound is
+        ``|q| norms_bound_q + norms_bound_x`` (``core.float32_score_error``).
     """
 
     data: np.ndarray
     half_sq_norms: np.ndarray
-    max_norm: float = 0.0
+    max_norm: float
+    norms_bound_q: np.ndarray
+    norms_bound_x: np.ndarray
 
     @property
     def n_index(self) -> int:
@@ -75,8 +82,15 @@ def prepare_index(index: np.ndarray) -> PreparedIndex:
     if data.shape[0] == 0 or data.shape[1] == 0:
         raise ValueError(f"Expected a non-empty index, but index.shape = {data.shape}")
     half = np.einsum("ij,ij->i", data, data, dtype=np.float64) * 0.5
-    max_norm = float(np.sqrt(2.0 * half.max()))
-    return PreparedIndex(data=data, half_sq_norms=half.astype(np.float32), max_norm=max_norm)
+    norms = np.sqrt(2.0 * half)
+    per_q, fixed = float32_score_terms(norms, data.shape[1])
+    return PreparedIndex(
+        data=data,
+        half_sq_norms=half.astype(np.float32),
+        max_norm=float(norms.max()),
+        norms_bound_q=per_q.astype(np.float32),
+        norms_bound_x=fixed.astype(np.float32),
+    )
 
 
 def _refine(
@@ -86,32 +100,64 @@ def _refine(
 
     ``scores`` (rows, n) are overwritten. Returns (distances float64, positions), (rows, k).
     """
-    n = scores.shape[1]
+    n, dim = scores.shape[1], prepared.dim
     m = min(n, k + 1)
     pos, sel = select_k(scores, m)  # ascending float32 scores; selected ones now +inf
     if m < k + 1:  # the whole index is the candidate set
         return first_k(measure(prepared.data, queries, pos), pos, k)
-    qn = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
-    bound = float32_score_error(qn, prepared.max_norm, prepared.dim)
-    sel64 = sel.astype(np.float64)
-    # Every row not selected scores >= the (k+1)-th; a gap over twice the bound proves the
-    # first k exactly nearer than all others (the bound's 1 % slack dwarfs float64 rounding).
-    clear = sel64[:, k] - sel64[:, k - 1] > 2.0 * bound
-    dist = np.empty((len(queries), k), dtype=np.float64)
-    out = np.empty((len(queries), k), dtype=np.int64)
-    rows = np.flatnonzero(clear)
-    if rows.size:
-        dist[rows], out[rows] = first_k(
-            measure(prepared.data, queries[rows], pos[rows, :k]), pos[rows, :k], k
+    dist, out = first_k(measure(prepared.data, queries, pos[:, :k]), pos[:, :k], k)
+    qq = np.einsum("ij,ij->i", queries, queries, dtype=np.float64)
+    qn = np.sqrt(qq)
+    # The k-th winner's exact score |x|²/2 − q·x, rounded up past float64's error.
+    d2 = dist[:, -1] ** 2
+    kth = (d2 - qq) / 2 + 4 * (dim + 4) * 2.0**-52 * (d2 + qq)
+    # Every unselected row scores >= the (k+1)-th; beyond the bound, it is provably farther
+    # than the k-th winner (the common case): the first k are the answer.
+    unsure = np.flatnonzero(sel[:, k] - float32_score_error(qn, prepared.max_norm, dim) <= kth)
+    if unsure.size:
+        dist[unsure], out[unsure] = _widen(
+            prepared,
+            queries[unsure],
+            scores[unsure],
+            pos[unsure],
+            qn[unsure],
+            kth[unsure],
+            dist[unsure],
+            out[unsure],
         )
-    for i in np.flatnonzero(~clear):
-        # Any row whose exact score may reach the k-th winner's: within twice the bound.
-        limit = np.float32(sel64[i, k - 1] + 2.0 * bound[i])
-        limit = np.nextafter(limit, np.float32(np.inf))  # rounded up: never fewer rows
-        cand = np.union1d(np.flatnonzero(scores[i] <= limit), pos[i])  # selected were +inf
-        d = measure(prepared.data, queries[i : i + 1], cand[None, :])
-        dist[i], out[i] = (a[0] for a in first_k(d, cand[None, :], k))
     return dist, out
+
+
+def _widen(
+    prepared: PreparedIndex,
+    queries: np.ndarray,
+    scores: np.ndarray,
+    pos: np.ndarray,
+    qn: np.ndarray,
+    kth: np.ndarray,
+    dist: np.ndarray,
+    out: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose k winners are not provably apart: re-measure every row whose exact score
+    may reach the k-th winner's (each row by its own norm's bound) and merge it in."""
+    rows, n = scores.shape
+    k = out.shape[1]
+    # A lower bound on every row's exact score, evaluated in float32: three roundings of
+    # terms below |kth| + the largest bound, covered by the limit's slack.
+    lower = np.multiply(qn[:, None], prepared.norms_bound_q[None, :], dtype=np.float32)
+    lower += prepared.norms_bound_x
+    np.subtract(scores, lower, out=lower)
+    b_max = float32_score_error(qn, prepared.max_norm, prepared.dim)
+    limit = kth + 4 * 2.0**-24 * (np.abs(kth) + b_max)
+    hit = lower <= limit[:, None]  # the k+1 selected rows scored +inf here
+    r = np.arange(rows)
+    hit[r, pos[:, k]] = True  # the (k+1)-th selected one is always looked at
+    hit[r[:, None], out] = False  # the k winners are measured already
+    hr, hc = np.nonzero(hit)
+    d = measure(prepared.data, queries[hr], hc[:, None])[:, 0]
+    more_d, _ = per_row(np, hr, d, rows, np.inf)
+    more_p, _ = per_row(np, hr, hc, rows, n)
+    return first_k(np.concatenate([dist, more_d], axis=1), np.concatenate([out, more_p], axis=1), k)
 
 
 def _finish_rows(

@@ -22,6 +22,7 @@ from tasks.search.core import (
     is_numpy,
     lowest_k,
     measure,
+    per_row,
     run_blocks,
 )
 
@@ -115,17 +116,6 @@ def dots(xp: Any, data: Any, q: Any, r: Any, c: Any) -> Any:
     return out
 
 
-def _per_row(xp: Any, r: Any, values: Any, rows: int, fill: float) -> tuple[Any, Any]:
-    """Pairs sorted by row -> (rows, width) matrix of ``values`` padded with ``fill``, and the
-    count per row."""
-    counts = xp.bincount(r, minlength=rows)
-    width = int(counts.max()) if r.shape[0] else 0
-    out = xp.full((rows, max(width, 1)), fill, dtype=values.dtype)
-    start = xp.cumsum(counts) - counts
-    out[r, xp.arange(r.shape[0]) - start[r]] = values
-    return out, counts
-
-
 def certify_rows(
     ix: CertifiedIndex, qb: QueryBlock, t: Any, k: int, cap: int
 ) -> tuple[Any, Any, Any, Any, Any]:
@@ -160,15 +150,15 @@ def certify_rows(
     counts = xp.where(ok, counts, 0)
     # Step 7: float32 dot products drop candidates provably beyond the k-th.
     lower, upper = dot_interval(xp, dots(xp, ix.data, q, r, c), q_sq[r], ix.data_sq[c], dim)
-    up_rows, _ = _per_row(xp, r, upper, rows, np.inf)
+    up_rows, _ = per_row(xp, r, upper, rows, np.inf)
     j = min(k, up_rows.shape[1]) - 1  # rows with fewer than k candidates are not certified
     kth = xp.partition(up_rows, j, axis=1)[:, j]
     keep = lower <= kth[r] * (1.0 + 4.0 * b.delta)
     r, c = r[keep], c[keep]
     # The rest are measured in float64 and ordered by (distance, position).
     d64 = measure(ix.data, q[r], c[:, None], xp)[:, 0]
-    dist, measured = _per_row(xp, r, d64, rows, np.inf)
-    pos, _ = _per_row(xp, r, c, rows, n)
+    dist, measured = per_row(xp, r, d64, rows, np.inf)
+    pos, _ = per_row(xp, r, c, rows, n)
     if dist.shape[1] < k:
         pad = k - dist.shape[1]
         dist = xp.concatenate([dist, xp.full((rows, pad), np.inf)], axis=1)
