@@ -142,18 +142,21 @@ def _widen(
     may reach the k-th winner's (each row by its own norm's bound) and merge it in."""
     rows, n = scores.shape
     k = out.shape[1]
-    # A lower bound on every row's exact score, evaluated in float32: three roundings of
-    # terms below |kth| + the largest bound, covered by the limit's slack.
-    lower = np.multiply(qn[:, None], prepared.norms_bound_q[None, :], dtype=np.float32)
-    lower += prepared.norms_bound_x
-    np.subtract(scores, lower, out=lower)
+    # One pass with the bound at the largest norm finds a superset; each of its rows is then
+    # held to its own norm's bound (evaluated in float64).
     b_max = float32_score_error(qn, prepared.max_norm, prepared.dim)
-    limit = kth + 4 * 2.0**-24 * (np.abs(kth) + b_max)
-    hit = lower <= limit[:, None]  # the k+1 selected rows scored +inf here
+    limit = (kth + b_max).astype(np.float32)
+    limit = np.nextafter(limit, np.float32(np.inf))  # rounded up: never fewer rows
+    hit = scores <= limit[:, None]  # the k+1 selected rows scored +inf here
     r = np.arange(rows)
     hit[r, pos[:, k]] = True  # the (k+1)-th selected one is always looked at
     hit[r[:, None], out] = False  # the k winners are measured already
-    hr, hc = np.nonzero(hit)
+    flat = np.flatnonzero(hit)  # far cheaper than a 2-D nonzero
+    hr, hc = flat // n, flat % n
+    own = qn[hr] * prepared.norms_bound_q[hc] + prepared.norms_bound_x[hc]
+    keep = scores[hr, hc] - own <= kth[hr]
+    keep |= hc == pos[hr, k]
+    hr, hc = hr[keep], hc[keep]
     d = measure(prepared.data, queries[hr], hc[:, None])[:, 0]
     more_d, _ = per_row(np, hr, d, rows, np.inf)
     more_p, _ = per_row(np, hr, hc, rows, n)
