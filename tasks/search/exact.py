@@ -12,6 +12,7 @@ distances, whatever BLAS's tiling did to identical rows.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,16 +54,20 @@ class PreparedIndex:
         ``|x|² / 2`` per row, the index's share of the ranking score.
     max_norm : float
         Largest ``|x|`` (float64): scales the float32 error bound of every score.
-    norms_bound_q, norms_bound_x : ndarray of shape (n_index,), float32
-        ``c |x|`` and ``c |x|²`` with ``c = (d + 4) u 1.01``: each row's own score bound is
-        ``|q| norms_bound_q + norms_bound_x`` (``core.float32_score_error``).
     """
 
     data: np.ndarray
     half_sq_norms: np.ndarray
-    max_norm: float
-    norms_bound_q: np.ndarray
-    norms_bound_x: np.ndarray
+    max_norm: float = 0.0
+
+    @functools.cached_property
+    def norms_bound(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(c |x|, c |x|²)`` (n_index,) float32, ``c = (d + 4) u 1.01``: each row's own score
+        bound is ``|q| c |x| + c |x|²`` (``core.float32_score_error``). Derived on first use
+        (the half norms' float32 rounding is far inside the bound's 1 % slack)."""
+        norms = np.sqrt(2.0 * self.half_sq_norms.astype(np.float64))
+        per_q, fixed = float32_score_terms(norms, self.dim)
+        return per_q.astype(np.float32), fixed.astype(np.float32)
 
     @property
     def n_index(self) -> int:
@@ -82,15 +87,8 @@ def prepare_index(index: np.ndarray) -> PreparedIndex:
     if data.shape[0] == 0 or data.shape[1] == 0:
         raise ValueError(f"Expected a non-empty index, but index.shape = {data.shape}")
     half = np.einsum("ij,ij->i", data, data, dtype=np.float64) * 0.5
-    norms = np.sqrt(2.0 * half)
-    per_q, fixed = float32_score_terms(norms, data.shape[1])
-    return PreparedIndex(
-        data=data,
-        half_sq_norms=half.astype(np.float32),
-        max_norm=float(norms.max()),
-        norms_bound_q=per_q.astype(np.float32),
-        norms_bound_x=fixed.astype(np.float32),
-    )
+    max_norm = float(np.sqrt(2.0 * half.max()))
+    return PreparedIndex(data=data, half_sq_norms=half.astype(np.float32), max_norm=max_norm)
 
 
 def _refine(
@@ -153,7 +151,8 @@ def _widen(
     hit[r[:, None], out] = False  # the k winners are measured already
     flat = np.flatnonzero(hit)  # far cheaper than a 2-D nonzero
     hr, hc = flat // n, flat % n
-    own = qn[hr] * prepared.norms_bound_q[hc] + prepared.norms_bound_x[hc]
+    per_q, fixed = prepared.norms_bound
+    own = qn[hr] * per_q[hc] + fixed[hc]
     keep = scores[hr, hc] - own <= kth[hr]
     keep |= hc == pos[hr, k]
     hr, hc = hr[keep], hc[keep]
