@@ -146,7 +146,8 @@ class Engine:
             identity = index_identity(self.folder)
             if identity is None:
                 self.last_error = (
-                    f"{self.folder} holds no index now; answering from the one loaded at "
+                    f"the index folder {self.folder.name} holds no index now; answering from "
+                    f"the one loaded at "
                     f"{time.strftime('%H:%M:%S', time.localtime(current.index.loaded_at))}"
                 )
                 return False
@@ -159,8 +160,10 @@ class Engine:
                 new = load(self.folder, self.weights, current, self.build)
             except ImageSearchError as exc:
                 self._failed_identity = identity
-                self.last_error = f"the updated index was not loaded: {exc}"
-                log.warning("%s", self.last_error)
+                log.warning("the updated index was not loaded: %s", exc)
+                # Said without the server's paths: /healthz answers anyone who asks.
+                reason = str(exc).replace(str(self.folder), self.folder.name)
+                self.last_error = f"the updated index was not loaded: {reason}"
                 return False
             self._loaded = new  # the swap: one reference
             self.reloads += 1
@@ -177,7 +180,8 @@ class Engine:
                 log.exception("checking %s for an updated index failed", self.folder)
 
     def submit(self, loaded: Loaded, pixels: np.ndarray, k: int) -> Future[Result]:
-        """Queue one query (pixels (S, S, 3) uint8 at ``loaded``'s input size) for the batcher."""
+        """Queue one query (pixels (S, S, 3) uint8 at ``loaded``'s input size) for the batcher;
+        cancelling the future before its batch starts drops the query."""
         job = _Job(loaded, pixels, k)
         self._jobs.put(job)
         return job.future
@@ -198,6 +202,8 @@ class Engine:
                     stopping = True
                     break
                 jobs.append(more)
+            # A query whose request was abandoned (its client went away) is dropped here.
+            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
             groups: dict[int, list[_Job]] = {}
             for j in jobs:  # one index and model per forward pass
                 groups.setdefault(id(j.loaded), []).append(j)
@@ -237,7 +243,7 @@ class Engine:
         index = loaded.index
         return {
             "status": "ok" if self.last_error is None else "degraded",
-            "index": str(index.folder),
+            "index": index.folder.name,  # no server path: /healthz answers anyone
             "images": len(index),
             "model_key": index.model_key,
             "weights": loaded.spec.weights,

@@ -9,7 +9,8 @@ import sys
 
 from service.app import Limits, create_app
 from service.engine import Engine
-from tasks.errors import ImageSearchError, param
+from service.security import Access
+from tasks.errors import ImageSearchError, option_name, param, worded
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,13 @@ def serve(
     port: int,
     weights: str | None,
     limits: Limits,
+    access: Access,
     max_batch: int,
     reload_interval: float,
+    notes: list[str] | None = None,
 ) -> None:
-    """Serve the index in folder ``index`` on ``host:port`` until stopped.
+    """Serve the index in folder ``index`` on ``host:port`` until stopped; ``notes`` are said
+    once it is ready (warnings about how it is exposed).
 
     Raises ImageSearchError (port taken, no index, model mismatch) before anything listens.
     """
@@ -54,20 +58,24 @@ def serve(
         engine = Engine(
             index, weights=weights, reload_interval=reload_interval, max_batch=max_batch
         )
-        app = create_app(engine, limits)
+        app = create_app(engine, limits, access)
         loaded = engine.loaded
+        shown = f"[{host}]" if ":" in host else host
         print(
             f"image-search: serving {len(loaded.index)} images of {engine.folder} "
             f"({loaded.spec.weights} weights, input {loaded.spec.input_size} px) on "
-            f"http://{host}:{sock.getsockname()[1]}",
+            f"http://{shown}:{sock.getsockname()[1]}"
+            + (" (requests need the token)" if access.token else ""),
             file=sys.stderr,
             flush=True,
         )
+        for line in notes or []:
+            print(f"image-search: {worded(line, option_name)}", file=sys.stderr, flush=True)
         config = uvicorn.Config(
             app,
             log_level="warning",
-            # Connections beyond the searches' own limit get uvicorn's 503 before any work.
-            limit_concurrency=limits.max_concurrency * 4,
+            # No connection limit of uvicorn's: it would refuse /healthz too. The app admits
+            # requests itself (Limits.request_limit) and always answers /healthz.
             timeout_graceful_shutdown=30,
         )
         uvicorn.Server(config).run(sockets=[sock])

@@ -4,6 +4,7 @@ no Prefect API and no TensorFlow unless the index has no exported model."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from flows.cli.commands import QueryCommand, ServeCommand
@@ -62,10 +63,21 @@ def _picture_path(given: str) -> Path:
 
 
 def serve(command: ServeCommand) -> int:
-    """Serve the index until Ctrl-C or SIGTERM (raised here after uvicorn's clean shutdown)."""
+    """Serve the index until Ctrl-C or SIGTERM (raised here after uvicorn's clean shutdown).
+    The token comes from the environment, never the command line (which every user of the
+    machine can read)."""
     from service.app import Limits
+    from service.security import TOKEN_ENV, decide_access
     from service.server import serve as run_server
 
+    access, notes = decide_access(
+        host=command.host,
+        token=os.environ.get(TOKEN_ENV),
+        no_token=command.no_token,
+        allowed_hosts=command.allowed_host,
+        allow_url_search=command.allow_url_search,
+        url_networks=command.allow_url_network,
+    )
     run_server(
         command.index,
         host=command.host,
@@ -76,8 +88,11 @@ def serve(command: ServeCommand) -> int:
             max_pixels=command.max_pixels,
             max_concurrency=command.max_concurrency,
             max_k=command.max_k,
+            url_timeout_s=command.url_timeout,
         ),
+        access=access,
         max_batch=command.max_batch,
         reload_interval=command.reload_interval,
+        notes=notes,
     )
     return EXIT_OK

@@ -68,7 +68,9 @@ class QueryCommand(BaseModel):
 
 class ServeCommand(BaseModel):
     """Serve an index over HTTP: a page at /, POST /search, GET /images/ID, GET /healthz, and
-    the API's description at /docs."""
+    the API's description at /docs. Beyond loopback every request but /healthz needs the token
+    in $IMAGE_SEARCH_TOKEN (header 'Authorization: Bearer TOKEN'; a browser opens /?token=TOKEN
+    once)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -77,7 +79,11 @@ class ServeCommand(BaseModel):
         "commits a new index there is picked up without a restart.",
         min_length=1,
     )
-    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0: every interface).")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to listen on (0.0.0.0: every interface; beyond loopback the "
+        "service needs a token in $IMAGE_SEARCH_TOKEN, or --no-token).",
+    )
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     weights: str | None = Field(
         None,
@@ -101,6 +107,33 @@ class ServeCommand(BaseModel):
     )
     reload_interval: float = Field(
         2.0, gt=0, le=3600, description="Seconds between checks for a newly committed index."
+    )
+    allowed_host: list[str] = Field(
+        default_factory=list,
+        description="A host name clients reach the service by (repeat for more; '*' for any). "
+        "Requests addressed to any other name are refused (400); loopback names and the --host "
+        "address are always answered.",
+    )
+    no_token: CliToggleFlag[bool] = Field(
+        False,
+        description="Serve beyond loopback without a token: only behind a proxy that checks "
+        "who comes in.",
+    )
+    allow_url_search: CliToggleFlag[bool] = Field(
+        False,
+        description="Accept searches by URL beyond loopback too (on loopback they are on). "
+        "Only public addresses are fetched, after every redirect.",
+    )
+    allow_url_network: list[str] = Field(
+        default_factory=list,
+        description="An address or network (10.0.0.0/8) that searches by URL may fetch from "
+        "although it is private or loopback (repeat for more).",
+    )
+    url_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Seconds one fetch by URL may take in all, redirects included.",
     )
     traceback: CliToggleFlag[bool] = Field(False, description=_TRACEBACK)
     verbose: CliToggleFlag[bool] = Field(False, description=_VERBOSE)
