@@ -38,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         error(options_error(exc))
         return EXIT_BAD_PARAMETERS
+    leave = argv is None  # the command is the process: a stop ends it at once
     with command_environment(command.verbose):
         if isinstance(command, RunCommand):
             from flows.cli.run import RESUME_HINT, run
@@ -47,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exit_status(
                 lambda: run(params, command.traceback),
                 traceback=command.traceback,
+                leave=leave,
                 stops=stopped_as_errors(RESUME_HINT),
             )
         from flows.cli import ask
@@ -56,12 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return exit_status(
                     lambda: ask.query(command),
                     traceback=command.traceback,
+                    leave=leave,
                     stops=stopped_as_errors(),
                 )
             assert isinstance(command, ServeCommand)
             return exit_status(
                 lambda: ask.serve(command),
                 traceback=command.traceback,
+                leave=leave,
                 stops=Stops(
                     interrupted=lambda: note("stopped (Ctrl-C); requests in flight were answered."),
                     terminated=lambda: note("stopped (SIGTERM); requests in flight were answered."),

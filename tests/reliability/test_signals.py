@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.http_server import MisbehavingServer
 from tests.reliability.conftest import Proc, Runner, wait_until
 
 pytestmark = pytest.mark.slow
@@ -257,3 +258,94 @@ def test_a_users_start_up_budget_is_honoured_and_named(
     assert "Traceback" not in err
     assert api_servers(home) == [] and state(home) is None  # the one it started is stopped
     assert not (tmp_path / "o").exists()
+
+
+# -- a read that never ends does not hold a stop ----------------------------------------------
+
+
+@pytest.fixture
+def trickling() -> Iterator[MisbehavingServer]:
+    """Images that arrive at 20 bytes per second: each read returns, none ever completes."""
+    with MisbehavingServer() as server:
+        server.rate = 20
+        for n in range(8):
+            server.files[f"/slow{n}.png"] = os.urandom(200_000)
+        yield server
+
+
+def test_sigterm_while_catalog_reads_are_stuck_exits_143_at_once(
+    runner: Runner, trickling: MisbehavingServer, tmp_path: Path
+) -> None:
+    """A list whose URLs trickle: the catalog's reader threads sit in reads that end only at
+    their deadline, a minute away. SIGTERM still ends the run within seconds, after its
+    clean-up (the flow run is recorded as ended): the stuck readers are not waited for."""
+    from tests.test_query import write_images
+
+    photos = write_images(tmp_path / "photos", 4)
+    listing = tmp_path / "list.csv"
+    urls = [trickling.url(f"/slow{n}.png") for n in range(8)]
+    listing.write_text("uri\n" + "\n".join([*map(str, photos), *urls]) + "\n")
+    proc = runner.start(
+        "--source",
+        str(listing),
+        "--weights",
+        "none",
+        "--out",
+        str(tmp_path / "out"),
+        data=tmp_path / "data",
+    )
+    wait_until(lambda: len(trickling.requests) >= 2, "reads of trickling URLs", proc, 300)
+    time.sleep(1)  # the readers are inside their reads now
+    elapsed = _stop(proc, signal.SIGTERM, group=False)
+    err = proc.err()
+    assert proc.rc == 143, err[-3000:]
+    assert f"image-search: error: terminated; {RESUME}" in err
+    assert "Traceback" not in err + proc.out()
+    assert elapsed < 30, f"took {elapsed:.1f} s"  # it took 121-300 s when the readers were joined
+
+
+def test_sigterm_while_a_query_reads_a_trickling_url_exits_143_at_once(
+    trickling: MisbehavingServer,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    random_resnet: object,
+) -> None:
+    from tests.reliability.conftest import REPO
+    from tests.test_query import shared_index
+
+    built = shared_index(tmp_path_factory, random_resnet)
+    err_file = tmp_path / "query.err"
+    with open(err_file, "wb") as err:
+        popen = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "query",
+                trickling.url("/slow0.png"),
+                trickling.url("/slow1.png"),
+                "--index",
+                str(built.out),
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not trickling.requests and time.monotonic() < deadline:
+            assert popen.poll() is None, err_file.read_text()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        started = time.monotonic()
+        popen.send_signal(signal.SIGTERM)
+        rc = popen.wait(timeout=60)
+        elapsed = time.monotonic() - started
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+    text = err_file.read_text()
+    assert rc == 143, text
+    assert text.rstrip().endswith("image-search: error: terminated.") and "Traceback" not in text
+    assert elapsed < 30, f"took {elapsed:.1f} s"
