@@ -324,12 +324,17 @@ def test_an_index_of_another_model_is_refused(
 
 
 def test_a_folder_mid_update_is_named_not_half_read(built: Built, tmp_path: Path) -> None:
+    from tasks.storage import folder_lock
+
     folder = tmp_path / "mid"
     shutil.copytree(built.out, folder, ignore=shutil.ignore_patterns(".embeddings"))
     features = folder / FEATURES
     features.write_bytes(features.read_bytes())  # same bytes, not the file the record names
-    with pytest.raises(ImageSearchError, match=r"is being updated \(features/index.parquet is not"):
+    writing = r"is being written by a run right now \(features/index.parquet is not"
+    # A run is committing into the folder.
+    with folder_lock(folder, "Output folder"), pytest.raises(ImageSearchError, match=writing):
         open_index(folder, attempts=2, wait_s=0.01)
+    assert len(open_index(folder)) == 22  # nobody writes: the bytes are the ones recorded
     (folder / ".state" / "embed.json").unlink()  # a folder assembled by hand: no record
     assert len(open_index(folder)) == 22
 

@@ -502,3 +502,58 @@ def test_saturated_service_answers_503_and_chunked_bodies_are_limited(
     finally:
         release.set()
         engine.stop()
+
+
+def test_a_damaged_index_is_named_damaged_with_the_file_and_the_fix(
+    index: Built, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file that differs from its record while no run writes the folder never settles: the
+    query and the service say which file and how to rebuild it (it used to be "is being
+    updated, try again", forever)."""
+    from flows.cli import main
+    from tasks.ask import open_index
+    from tasks.errors import ImageSearchError, option_name
+
+    folder = copy_index(index.out, tmp_path / "damaged")
+    features = folder / FEATURES
+    data = features.read_bytes()
+    features.write_bytes(data[: len(data) // 2])
+    fix = f"it will not mend by itself: run image-search again with --out {folder} to rebuild it."
+    with pytest.raises(ImageSearchError) as caught:
+        open_index(folder, attempts=2, wait_s=0.01)
+    assert caught.value.worded(option_name) == (
+        f"Index folder {folder} is damaged: {FEATURES} holds {len(data) // 2:,} bytes where "
+        f"its record .state/embed.json says {len(data):,}; {fix}"
+    )
+    _, path = index.some(1)[0]
+    assert main(["query", str(path), "--index", str(folder)]) == 1
+    assert f"image-search: error: Index folder {folder} is damaged: " in capsys.readouterr().err
+
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF  # same size, other bytes
+    features.write_bytes(bytes(flipped))
+    with pytest.raises(ImageSearchError, match="no longer has the content its record"):
+        open_index(folder, attempts=2, wait_s=0.01)
+
+
+def test_the_service_says_damaged_or_being_written_without_server_paths(
+    engine: Engine, index: Built
+) -> None:
+    from tasks.storage import folder_lock
+
+    features = engine.folder / FEATURES
+    good = features.read_bytes()
+    with folder_lock(engine.folder, "Output folder"):  # a run is committing
+        features.write_bytes(good)  # the same bytes: only its time differs from the record
+        assert engine.refresh() is False
+        assert "being written by a run right now" in (engine.last_error or "")
+    features.write_bytes(good[:-100])  # the run is gone and left it cut short
+    os.utime(engine.folder / ".state" / "embed.json")  # a new identity: read it again
+    assert engine.refresh() is False
+    health = engine.health()
+    assert health["status"] == "degraded" and health["images"] == len(index.files)
+    assert f"is damaged: {FEATURES} holds" in health["problem"]
+    assert f"--out {engine.folder.name} to rebuild it" in health["problem"].replace(
+        "out ", "--out "
+    )
+    assert str(engine.folder) not in str(health)

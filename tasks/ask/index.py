@@ -5,9 +5,11 @@ metadata that says which model built it, and the exported model when there is a 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,19 +33,24 @@ from tasks.catalog import META_KEY as CATALOG_META_KEY
 from tasks.errors import ImageSearchError, param
 from tasks.features import store
 from tasks.features.model import DIM
+from tasks.fingerprints import file_digest
 from tasks.layout import (
     CATALOG_FILE,
     INDEX_COPY,
     INDEX_DERIVED,
     INDEX_FEATURES,
     INDEX_FILES,
+    JOURNAL,
+    LOCK_FILE,
     QUERY_MODEL,
     QUERY_MODEL_STAGE,
+    STAGING_DIR,
+    record_of,
 )
 from tasks.search.exact import PreparedIndex, prepare_index
 from tasks.sources.collection import Collection, reopen
 from tasks.sources.images import BadImage
-from tasks.storage import unsettled
+from tasks.storage import read_record, unsettled
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +185,10 @@ def open_index(folder: str | Path, attempts: int = 5, wait_s: float = 0.5) -> In
                 f"again with {param('out')} {path} to write it."
             )
         reason = unsettled(path, {**INDEX_FILES, **INDEX_DERIVED}) or ""
+        if reason and not being_written(path):
+            # Nobody is writing the folder: a file that differs from its record stays so.
+            damaged(path, {**INDEX_FILES, **INDEX_DERIVED})
+            reason = ""  # touched, not changed (a copy that did not keep the files' times)
         if reason:
             continue
         index = _load(path, before)
@@ -185,9 +196,70 @@ def open_index(folder: str | Path, attempts: int = 5, wait_s: float = 0.5) -> In
             return index
         reason = "its files changed while they were read"
     raise ImageSearchError(
-        f"Index folder {path} is being updated ({reason}); try again when the run that writes "
-        f"it has finished."
+        f"Index folder {path} is being written by a run right now ({reason}); try again when "
+        f"that run has finished."
     )
+
+
+def being_written(folder: Path) -> bool:
+    """Whether a run holds the folder's lock now (it is writing, or about to commit, there), or
+    a commit's journal is in it. Asks the lock without taking it and without creating its file,
+    so a read-only index is asked too."""
+    if (folder / STAGING_DIR / JOURNAL).exists():
+        return True
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: no run has ever held this folder (or it is not ours)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def damaged(folder: Path, files: dict[str, str]) -> None:
+    """Raise for the first of ``files`` (path relative to ``folder`` -> the stage that wrote it)
+    that is not what its stage recorded: missing, another size, or other bytes (the SHA-256 is
+    read only when the size matches and the time does not). A file that only lost its recorded
+    time (a copied folder) passes."""
+    for rel, stage in files.items():
+        record = read_record(folder, stage)
+        try:
+            seen = record["outputs"][rel] if record else None
+        except (KeyError, TypeError):
+            seen = None
+        if not isinstance(seen, dict):
+            continue
+        fix = (
+            f"it will not mend by itself: run image-search again with {param('out')} {folder} "
+            f"to rebuild it"
+        )
+        try:
+            st = os.stat(folder / rel)
+        except OSError:
+            raise ImageSearchError(
+                f"Index folder {folder} is damaged: {rel} is missing although its record "
+                f"{record_of(stage)} lists it; {fix}."
+            ) from None
+        if st.st_size != seen.get("size"):
+            raise ImageSearchError(
+                f"Index folder {folder} is damaged: {rel} holds {st.st_size:,} bytes where its "
+                f"record {record_of(stage)} says {seen.get('size'):,}; {fix}."
+            )
+        if st.st_mtime_ns != seen.get("mtime_ns") and file_digest(folder / rel) != seen.get(
+            "sha256"
+        ):
+            raise ImageSearchError(
+                f"Index folder {folder} is damaged: {rel} no longer has the content its record "
+                f"{record_of(stage)} describes; {fix}."
+            )
 
 
 def _features(path: Path, n: int) -> tuple[np.ndarray, PreparedIndex, str]:
