@@ -36,6 +36,7 @@ __all__ = [
     "SearchParams",
     "format_validation_error",
     "overlap_message",
+    "source_overlap_message",
 ]
 
 
@@ -194,6 +195,29 @@ NResults = Annotated[
 ]
 
 
+def source_overlap_message(source: str, out: str | Path) -> str | None:
+    """Why a local source folder and the output folder cannot be used together, or None.
+
+    The output folder may lie inside the source (the listing leaves it out), but never be the
+    source or hold it: the run would index its own pictures (samples.png, results.png...) from
+    its second run on, and its clean-up works in folders that would hold the user's photos.
+    """
+    if "://" in source and not source.startswith("file://"):
+        return None
+    path = Path(source.removeprefix("file://")).expanduser()
+    if not path.is_dir() and path.resolve() != Path(out).expanduser().resolve():
+        return None  # a list, an archive, a .bin, 'sample', or nothing at all
+    a, b = Path(out).expanduser().resolve(), path.resolve()
+    how = overlap(a, b)
+    if how is None or how == "lies inside":
+        return None
+    return (
+        f"The output folder {a} ({param('out')}) {how} the source folder {b} "
+        f"({param('source')}): a run would index its own outputs. Choose an output folder "
+        f"outside the source, or a new folder inside it (the listing leaves that one out)."
+    )
+
+
 class SearchParams(BaseModel):
     """Everything a run of ``image-search`` can be told, checked as a whole."""
 
@@ -244,6 +268,8 @@ class SearchParams(BaseModel):
                 f"{param('weights')} must be 'imagenet', 'none' or a path to a weights file"
             )
         if self.data_dir is not None and (clash := overlap_message(self.out, self.data_dir)):
+            raise ValueError(clash)
+        if clash := source_overlap_message(self.source, self.out):
             raise ValueError(clash)
         return self
 

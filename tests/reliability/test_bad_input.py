@@ -108,6 +108,18 @@ def assert_user_error(code: int, output: str, message: str, flow_failed: bool = 
         ),
         (["--out", "{data}/out"], "The output folder {data}/out (--out) lies inside the data"),
         (["--out", "{data}"], "The output folder {data} (--out) is the same folder as the data"),
+        # A source that is the output folder, or lies in it: the run would index its own
+        # pictures from its second run on (samples.png, results.png...).
+        (
+            ["--source", "{out}"],
+            "The output folder {out} (--out) is the same folder as the source folder {out} "
+            "(--source): a run would index its own outputs. Choose an output folder outside "
+            "the source, or a new folder inside it (the listing leaves that one out).",
+        ),
+        (
+            ["--source", "{out}/features"],
+            "The output folder {out} (--out) holds the source folder {out}/features (--source)",
+        ),
     ],
 )
 def test_bad_parameters_exit_2_before_any_run(
@@ -122,6 +134,26 @@ def test_bad_parameters_exit_2_before_any_run(
     assert "image-search: error: " in output or "image-search run: error: " in output
     assert latest_flow_run().id == latest.id  # refused before a flow run was created
     assert_unchanged(before, baseline.data, baseline.out)
+
+
+def test_an_output_folder_inside_the_source_is_left_out_of_its_listing(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], reuse_random_resnet: None
+) -> None:
+    """The other nesting is allowed: ``--source ~/Pictures --out ~/Pictures/index``. The second
+    run indexes the same photos, none of the first run's own pictures."""
+    from tests.test_query import write_images
+
+    photos = tmp_path / "photos"
+    written = write_images(photos, 8)
+    out = photos / "index"
+    args = ["--source", str(photos), "--out", str(out), "--weights", "none"]
+    args += ["--backends", "numpy", "--data-dir", str(tmp_path / "data"), "--n-show", "4"]
+    for _ in range(2):
+        code, output = run_cli(args, capfd)
+        assert code == 0, output[-3000:]
+        assert (out / "samples.png").is_file()
+        uris = pq.read_table(out / "catalog.parquet", columns=["uri"]).column("uri").to_pylist()
+        assert sorted(uris) == sorted(str(p) for p in written)
 
 
 def test_output_folder_inside_the_default_data_cache(
