@@ -6,6 +6,7 @@ test-artifacts/service/ (the result, and any failure)."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "service"
-TOKEN = "page-test-token-0123456789"
+TOKEN = secrets.token_urlsafe(24)  # random: no secret-looking literal in the repository
 
 
 @pytest.fixture(scope="module")

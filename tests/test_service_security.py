@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import secrets
 import shutil
 import threading
 import time
@@ -45,7 +46,7 @@ from tests.test_query import Built, build_index, write_images
 from tests.test_service import copy_index, png, start_service
 from tests.test_service import index as index  # the shared index fixture
 
-TOKEN = "correct-horse-battery-staple-42"
+TOKEN = secrets.token_urlsafe(24)  # random: no secret-looking literal in the repository
 DIM = 2048
 
 
@@ -464,7 +465,7 @@ def test_the_token_guards_everything_but_the_probe(served: Path, index: Built) -
             assert resp.status_code == 401, url
             assert resp.headers["www-authenticate"].startswith("Bearer")
             assert "/?token=TOKEN" in resp.json()["detail"]
-        wrong = {"authorization": "Bearer " + TOKEN[:-1] + "x"}
+        wrong = {"authorization": "Bearer " + TOKEN[:-1] + ("y" if TOKEN[-1] == "x" else "x")}
         assert (await client.get(f"/images/{image_id}", headers=wrong)).status_code == 401
         bearer = {"authorization": f"Bearer {TOKEN}"}
         resp = await client.post("/search?k=1", files=upload, headers=bearer)
