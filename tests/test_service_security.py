@@ -269,7 +269,7 @@ def test_a_photo_replaced_by_a_link_or_a_fifo_is_never_served(
 
     async def scenario(client: httpx.AsyncClient) -> None:
         for image_id, status in ((first, 403), (second, 403), (third, 403), (fourth, 410)):
-            for query in ("", "?size=64"):
+            for query in ["", "?size=64"]:
                 resp = await client.get(f"/images/{image_id}{query}")
                 assert resp.status_code == status, (image_id, query, resp.text)
                 assert b"TOP SECRET" not in resp.content
