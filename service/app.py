@@ -42,7 +42,6 @@ from pydantic import (
     field_validator,
 )
 from starlette.concurrency import run_in_threadpool
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from service.engine import Engine
 from service.images import OutsideSource, picture, shown_uri, source_base, thumbnail
@@ -50,6 +49,7 @@ from service.page import page as render_page
 from service.security import (
     Access,
     FetchPolicy,
+    HostCheck,
     SecurityHeaders,
     TokenGate,
     docs_csp,
@@ -448,7 +448,7 @@ def create_app(
     app.add_middleware(Admission, limit=limits.request_limit)
     if access.token:
         app.add_middleware(TokenGate, token=access.token)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(access.allowed_hosts))
+    app.add_middleware(HostCheck, allowed_hosts=list(access.allowed_hosts))
     app.add_middleware(SecurityHeaders)
 
     def private(text: str) -> str:

@@ -5,8 +5,8 @@ addresses a search by URL may fetch from, and the headers every answer carries.
   ``Authorization: Bearer TOKEN``, or the cookie a browser gets by opening ``/?token=TOKEN``
   once (HttpOnly, SameSite=Lax, holding a digest of the token, not the token).
 - **Host names.** Starlette's ``TrustedHostMiddleware``: loopback names, the address the service
-  is bound to, and what the operator adds; anything else is 400, so a DNS-rebinding page cannot
-  talk to a service on this machine.
+  is bound to, and what the operator adds; anything else is 400 (``/healthz`` aside), so a
+  DNS-rebinding page cannot talk to a service on this machine.
 - **URL search.** A URL's every address, after every redirect, is judged before a connection is
   made (:class:`FetchPolicy`, the one HTTP client's address policy): public addresses only,
   plus the networks the operator allows.
@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import parse_qs
+
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from tasks.errors import ImageSearchError, param
 from tasks.sources.http import IPAddress, public_addresses_only
@@ -195,6 +197,18 @@ class TokenGate:
             {"WWW-Authenticate": 'Bearer realm="image-search"'},
         )
         await response(scope, receive, send)
+
+
+class HostCheck(TrustedHostMiddleware):
+    """Starlette's check of the Host header (400 for a name the service does not answer to),
+    except for the liveness probe: a kubelet's probe names the pod's address, and /healthz
+    answers anyone anyway."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def csp_hash(text: str) -> str:

@@ -431,17 +431,22 @@ def test_only_its_own_host_names_are_answered(served: Path) -> None:
 
     async def scenario(client: httpx.AsyncClient) -> None:
         for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example"):
-            resp = await client.get("/healthz", headers={"host": host})
-            assert resp.status_code == 400, host
-            assert resp.headers["x-content-type-options"] == "nosniff"
-        for host in ("127.0.0.1:8000", "localhost", "[::1]:8000"):
+            for path in ("/", "/openapi.json", "/images/1"):
+                resp = await client.get(path, headers={"host": host})
+                assert resp.status_code == 400, (host, path)
+                assert resp.headers["x-content-type-options"] == "nosniff"
+            resp = await client.post("/search", json={"url": "x"}, headers={"host": host})
+            assert resp.status_code == 400
+            # The liveness probe answers whatever name it was sent to (a kubelet's pod address).
             assert (await client.get("/healthz", headers={"host": host})).status_code == 200
+        for host in ("127.0.0.1:8000", "localhost", "[::1]:8000"):
+            assert (await client.get("/", headers={"host": host})).status_code == 200
 
     with app_on(served, access=access) as app:
         run_client(app, scenario)
 
     async def with_name(client: httpx.AsyncClient) -> None:
-        resp = await client.get("/healthz", headers={"host": "photos.example:443"})
+        resp = await client.get("/", headers={"host": "photos.example:443"})
         assert resp.status_code == 200
 
     with app_on(served, access=added) as app:
