@@ -112,7 +112,7 @@ def verified_bytes(index: Index, image_id: int) -> bytes:
     source = str(index.collection_meta.get("source") or "")
     if kind == "folder" and "://" not in source:
         data = _read_regular(uri, root=source, follow=True)
-    elif kind == "list" and "://" not in uri:
+    elif kind == "list" and ("://" not in uri or uri.startswith("file://")):
         data = _read_regular(uri.removeprefix("file://"), root=None, follow=False)
     else:  # inside an archive or an STL-10 file, or on an object store: the bytes decide
         data = index.collection.read(uri)

@@ -282,6 +282,41 @@ def test_a_photo_replaced_by_a_link_or_a_fifo_is_never_served(
         run_client(app, scenario)
 
 
+def test_a_listed_photo_replaced_by_a_link_is_never_served(
+    tmp_path: Path, random_resnet: Any
+) -> None:
+    """A list of paths: the file a row names must be that file, not a link to one elsewhere."""
+    from tasks.ask import open_index
+
+    photos = write_images(tmp_path / "photos", 6)
+    listing = tmp_path / "list.csv"
+    listing.write_text("uri\n" + "\n".join(str(p) for p in photos) + "\n")
+    build_index(listing, tmp_path / "out", random_resnet, serving=False)
+    opened = open_index(tmp_path / "out")
+    ids = {opened.uri(pos): int(opened.ids[pos]) for pos in range(len(opened))}
+    indexed = [p for p in photos if str(p) in ids]  # the split keeps some for queries
+    kept, swapped = indexed[:2]
+    copy = tmp_path / "copy" / swapped.name
+    copy.parent.mkdir()
+    shutil.copy(swapped, copy)
+    swapped.unlink()
+    swapped.symlink_to(copy)  # the same bytes, through a link
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        resp = await client.get(f"/images/{ids[str(kept)]}")
+        assert resp.status_code == 200 and resp.content == kept.read_bytes()
+        resp = await client.get(f"/images/{ids[str(swapped)]}")
+        assert resp.status_code == 403 and "the listed file is now a link" in resp.text
+        listed = await client.post("/search?k=6", files={"image": ("q.png", kept.read_bytes())})
+        # Named relative to the list's folder.
+        assert sorted(n["uri"] for n in listed.json()["neighbours"]) == sorted(
+            f"photos/{p.name}" for p in indexed
+        )
+
+    with app_on(tmp_path / "out") as app:
+        run_client(app, scenario)
+
+
 def test_served_images_are_the_verified_bytes_with_their_own_type(
     served: Path, index: Built
 ) -> None:
