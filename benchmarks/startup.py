@@ -382,13 +382,13 @@ print(json.dumps({"max_relative_difference": rel,
 """
 
 
-def case_engines(repeats: int) -> dict[str, Any]:
+def case_engines(after: Path, repeats: int) -> dict[str, Any]:
     result = {}
     for size in (96, 224):
         done = subprocess.run(
             [sys.executable, "-c", ENGINES, str(size), "128", str(repeats)],
-            cwd=REPO,
-            env=_env(REPO),
+            cwd=after,
+            env=_env(after),
             capture_output=True,
             text=True,
             check=True,
@@ -478,13 +478,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*", default=list(CASES), help=f"from {', '.join(CASES)}")
     parser.add_argument("--before", type=Path, required=True, help="the earlier code's folder")
+    parser.add_argument(
+        "--after", type=Path, default=REPO, help="this code's folder (default: here)"
+    )
     parser.add_argument("--n", type=int, default=100_000, help="index images (query, serve)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     args = parser.parse_args()
     from tasks.hardware import cpu_count, cpu_features
 
-    versions = {"before": args.before.resolve(), "after": REPO}
+    versions = {"before": args.before.resolve(), "after": args.after.resolve()}
     results: dict[str, Any] = {
         "machine": f"{cpu_features().model}, {cpu_count()} cores",
         "load_before": os.getloadavg()[0],
@@ -506,7 +509,7 @@ def main() -> None:
             elif case == "fresh":
                 results["cases"]["fresh"] = case_fresh(versions, args.repeats, tmp)
             elif case == "engines":
-                results["cases"]["engines"] = case_engines(args.repeats)
+                results["cases"]["engines"] = case_engines(versions["after"], args.repeats)
             print(json.dumps({case: results["cases"][case]}, indent=1), flush=True)
     results["load_after"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,22 @@ log = logging.getLogger(__name__)
 THUMB = 96  # side of the pictures' tiles
 
 
+# pyarrow's conversions from and to NumPy (Array.to_numpy, pa.array of an ndarray) import pandas,
+# most of a second of a query's start; int64 columns without nulls go through their buffers.
+def _int64s(column: pa.ChunkedArray) -> np.ndarray:
+    """The values (n,) int64 of an int64 column without nulls."""
+    array = column.combine_chunks()
+    if array.type != pa.int64() or array.null_count:
+        raise ValueError(f"expected int64 values without nulls, got {array.type}")
+    return np.frombuffer(array.buffers()[1], np.int64, len(array), array.offset * 8).copy()
+
+
+def _int64_array(values: np.ndarray) -> pa.Array:
+    """``values`` (n,) as an Arrow int64 array."""
+    data = np.ascontiguousarray(values, dtype=np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(data), [None, pa.py_buffer(data)])
+
+
 def _jpeg(pixels: np.ndarray, quality: int = 85) -> bytes:
     """JPEG bytes of one (h, w, 3) uint8 image."""
     import io
@@ -310,15 +326,16 @@ def _load(path: Path, identity: str) -> Index:
     ids, prepared, features_from = _features(path, n)
     catalog_path = path / CATALOG_FILE
     try:
-        schema_meta = pq.read_schema(catalog_path).metadata or {}
-        table = pq.read_table(catalog_path, columns=["image_id", "uri", "label", "sha256"])
+        catalog = pq.ParquetFile(catalog_path)  # not read_table: its dataset layer loads pandas
+        schema_meta = catalog.schema_arrow.metadata or {}
+        table = catalog.read(columns=["image_id", "uri", "label", "sha256"])
         collection_meta = json.loads(schema_meta[CATALOG_META_KEY])["collection"]
     except (OSError, pa.ArrowInvalid, KeyError, ValueError) as exc:
         raise ImageSearchError(
             f"Cannot read {catalog_path} ({exc}); run image-search again with "
             f"{param('out')} {path}."
         ) from exc
-    cat_ids = table.column("image_id").to_numpy()
+    cat_ids = _int64s(table.column("image_id"))
     take = np.searchsorted(cat_ids, ids)
     take = np.minimum(take, len(cat_ids) - 1)
     missing = ids[cat_ids[take] != ids] if len(cat_ids) else ids
@@ -328,7 +345,7 @@ def _load(path: Path, identity: str) -> Index:
             f"{catalog_path}: the two files come from different runs; run image-search "
             f"again with {param('out')} {path}."
         )
-    indices = pa.array(take)
+    indices = _int64_array(take)
     return Index(
         folder=path,
         ids=ids,
