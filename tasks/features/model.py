@@ -146,8 +146,8 @@ class ModelInfo:
     precision: str = "float32"
 
     def metadata(self, input_size: int) -> dict[str, Any]:
+        tf = import_tensorflow()
         import keras
-        import tensorflow as tf
 
         from tasks.sources.images import RESIZE_RULE
 
