@@ -210,6 +210,17 @@ print(json.dumps({"imports_s": t1 - t0, "index_open_s": t2 - t1, "model_load_s":
 """
 
 
+def _query_image(tmp: Path) -> Path:
+    """One 96-pixel PNG to ask with."""
+    image = tmp / "query.png"
+    if not image.exists():
+        from PIL import Image
+
+        rng = np.random.default_rng(7)
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(image)
+    return image
+
+
 def _indexes(versions: dict[str, Path], n: int, tmp: Path, size: int = 96) -> dict[str, Path]:
     folders = {}
     for version, code in versions.items():
@@ -222,12 +233,7 @@ def _indexes(versions: dict[str, Path], n: int, tmp: Path, size: int = 96) -> di
 
 def case_query(versions: dict[str, Path], repeats: int, tmp: Path, n: int) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    image = tmp / "query.png"
-    if not image.exists():
-        from PIL import Image
-
-        rng = np.random.default_rng(7)
-        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(image)
+    image = _query_image(tmp)
     for size in (42, n):
         folders = _indexes(versions, size, tmp)
         result[str(size)] = interleaved(
@@ -269,7 +275,7 @@ def case_serve(versions: dict[str, Path], repeats: int, tmp: Path, n: int) -> di
     import httpx
 
     folders = _indexes(versions, n, tmp)
-    image = (tmp / "query.png").read_bytes()
+    image = _query_image(tmp).read_bytes()
     rows: dict[str, list[dict[str, float]]] = {v: [] for v in versions}
     for _ in range(repeats):
         for version, code in versions.items():
