@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from flows import sharded
 from flows.params import (
     DEFAULTS,
+    Ann,
     Backends,
     BatchSize,
     Cluster,
@@ -76,6 +77,7 @@ def image_search(
     gpu_memory_fraction: GpuMemoryFraction = DEFAULTS.gpu_memory_fraction,
     backends: Backends = DEFAULTS.backends,
     cluster: Cluster = DEFAULTS.cluster,
+    ann: Ann = DEFAULTS.ann,
     k: K = DEFAULTS.k,
     tolerance: Tolerance = DEFAULTS.tolerance,
     n_results: NResults = DEFAULTS.n_results,
@@ -107,6 +109,7 @@ def image_search(
             gpu_memory_fraction=gpu_memory_fraction,
             backends=backends,
             cluster=cluster,
+            ann=ann,
             k=k,
             tolerance=tolerance,
             n_results=n_results,
@@ -171,7 +174,7 @@ def _search(params: SearchParams) -> dict[str, str]:
         show(catalog_ref, out, params.n_show, params.seed)
         split_ref = split(catalog_ref, out, params.split_ratio, params.seed)
         features = embed(catalog_ref, split_ref, out, spec)
-        serving(features, out, spec)  # what makes the index quick to ask
+        serving(features, out, spec, params.ann)  # what makes the index quick to ask
         # Backends run one after another: each gets every core, so the timings are honest.
         runs = [knn(features, out, name, params.k) for name in backends]
         if cluster is not None:  # one more backend: a nested flow on the Dask task runner

@@ -93,12 +93,21 @@ class Timings(BaseModel):
 
 
 class SearchOut(BaseModel):
-    """The nearest index images of one query image."""
+    """The nearest index images of one query image, and the tier they came from."""
 
     query: str
     k: int
     index: IndexOut
     neighbours: list[NeighbourOut]
+    tier: Literal["exact", "approximate"] = Field(
+        description="exact: the true k nearest; approximate: from the approximate index "
+        "(ask ?exact=true for exact), distances still exact."
+    )
+    method: str = Field(description="How this tier searched.")
+    recall_at_10: float | None = Field(
+        description="approximate only: the share of the true 10 nearest its answers held, "
+        "measured against exact search on the index's own images when it was built."
+    )
     timings_ms: Timings
     batch: int = Field(description="Queries embedded and searched together with this one.")
 
@@ -323,6 +332,9 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
         ] = None,
         k_field: Annotated[int | None, Form(alias="k", ge=1, le=limits.max_k)] = None,
         k: Annotated[int | None, Query(ge=1, le=limits.max_k, description=k_doc)] = None,
+        exact: Annotated[
+            bool, Query(description="Exact answers even where the index has an approximate one.")
+        ] = False,
     ) -> dict[str, Any]:
         """The nearest index images of an uploaded image (multipart field ``image``) or of the
         image at a URL (JSON ``{"url": ..., "k": ...}``). ``k`` as a query parameter wins over
@@ -358,7 +370,7 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
                 _decode, data, loaded.index.input_size, limits.max_pixels
             )
             decoded = time.perf_counter()
-            result = await asyncio.wrap_future(engine.submit(loaded, pixels, k))
+            result = await asyncio.wrap_future(engine.submit(loaded, pixels, k, exact))
         return {
             "query": name,
             "k": k,
@@ -374,6 +386,7 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
                 }
                 for n in result.neighbours
             ],
+            **result.tier.as_dict(),
             "timings_ms": {
                 "read": round((read - started) * 1e3, 2),
                 "decode": round((decoded - read) * 1e3, 2),
