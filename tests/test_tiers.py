@@ -479,3 +479,24 @@ def test_an_interrupted_int8_copy_resumes_at_its_checkpoint(
     RunFolder(out).commit(["index-compact"])
     for rel in (INDEX_COMPACT, INDEX_COMPACT_ROWS):
         assert (out / rel).read_bytes() == (tiered.out / rel).read_bytes()
+
+
+@pytest.mark.gpu
+def test_the_approximate_index_filled_on_a_gpu_answers_as_the_cpu_one(tiered: Tiered) -> None:
+    from tasks.search.ann import gpu
+
+    if gpu.gpu_count() == 0:
+        pytest.skip("FAISS here has no GPU build or sees no CUDA device")
+    rows = MatrixFile(tiered.out / INDEX_MATRIX)
+    tuning, measured, train_rows = approximate.sample_positions(len(rows), 0)
+    design = approximate.Design.of(len(rows), rows.shape[1], len(train_rows))
+    trained = approximate.train(rows, design, train_rows)
+    filled = gpu.to_cpu(approximate.add(gpu.to_gpu(trained), rows))
+    ann = approximate.tune(
+        approximate.AnnIndex(filled, design, approximate.Probe(*approximate.LADDER[0])),
+        rows,
+        tuning,
+        measured,
+    )
+    stored = json.loads((tiered.out / ANN_INFO).read_text())["recall"]["value"]
+    assert ann.recall is not None and ann.recall.value >= min(stored, 0.99) - 0.01

@@ -12,7 +12,7 @@ import numpy as np
 from tasks.search.ann.index import Design, threads
 
 TRAIN_ROWS = 50_000  # rows the lists and codes are trained on
-PCA_TRAIN_ROWS = 20_000  # of them, rows the PCA is trained on
+PCA_TRAIN_ROWS = 10_000  # of them, rows the PCA is trained on (its top 256 axes settle early)
 ADD_ROWS = 16_384  # rows read and added at a time (128 MiB of float32 at d = 2048)
 NITER = 10  # k-means iterations (lists and codes): enough on a sample of this size
 
@@ -90,7 +90,12 @@ def train(rows: Rows, design: Design, train_rows: np.ndarray, seed: int = 0) -> 
     ivf = faiss.IndexIVFPQ(quantizer, design.pca, design.nlist, design.m, design.nbits)
     ivf.use_precomputed_table = -1  # per list tables: nlist x m x 256 floats saved
     lists = faiss.Kmeans(
-        design.pca, design.nlist, niter=NITER, seed=seed, min_points_per_centroid=1
+        design.pca,
+        design.nlist,
+        niter=NITER,
+        seed=seed,
+        min_points_per_centroid=1,
+        max_points_per_centroid=32,  # 32,768 rows place 1,024 lists well enough to probe
     )
     lists.train(reduced)
     quantizer.add(lists.centroids)  # trained: the index trains only its codes below

@@ -50,8 +50,9 @@ class Design:
     @classmethod
     def of(cls, n: int, dim: int, train: int) -> Design:
         """The design for ``n`` rows of ``dim`` trained on ``train`` of them: about 4 sqrt(n)
-        lists (a power of two, at least 39 training rows each), 4 dimensions per code byte,
-        8-bit codes where the sample trains 256 centroids, fewer bits on small indexes."""
+        lists, a power of two with at least 39 training rows each (so at most 1,024 from the
+        50,000 training rows: ~1,000 rows a list at 10^6), 4 dimensions per code byte, 8-bit
+        codes where the sample trains 256 centroids, fewer bits on small indexes."""
         pca = min(PCA_DIMS, dim - dim % DIMS_PER_CODE) or dim
         nlist = 2 ** round(math.log2(max(4.0, 4 * math.sqrt(n))))
         while nlist > 4 and nlist * 39 > train:
