@@ -44,6 +44,12 @@ register(
     "real features",
     default=False,
 )
+register(
+    "million",
+    "benchmarks.million:million",
+    "Asking a large index: exact (certified int8) and approximate tiers vs FAISS, build, service",
+    default=False,
+)
 register("decode", "benchmarks.decode:decode", "Memory-map 100,000 STL-10 images")
 register(
     "decoders",

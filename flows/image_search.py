@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from flows import sharded
 from flows.params import (
     DEFAULTS,
+    Ann,
     Backends,
     BatchSize,
     Cluster,
@@ -83,6 +84,7 @@ def image_search(
     gpu_memory_fraction: GpuMemoryFraction = DEFAULTS.gpu_memory_fraction,
     backends: Backends = DEFAULTS.backends,
     cluster: Cluster = DEFAULTS.cluster,
+    ann: Ann = DEFAULTS.ann,
     k: K = DEFAULTS.k,
     tolerance: Tolerance = DEFAULTS.tolerance,
     n_results: NResults = DEFAULTS.n_results,
@@ -116,6 +118,7 @@ def image_search(
             gpu_memory_fraction=gpu_memory_fraction,
             backends=backends,
             cluster=cluster,
+            ann=ann,
             k=k,
             tolerance=tolerance,
             n_results=n_results,
@@ -181,7 +184,7 @@ def _search(params: SearchParams) -> dict[str, str]:
         samples = show(catalog_ref, out, params.n_show, params.seed)
         split_ref = split(catalog_ref, out, params.split_ratio, params.seed, mode, params.n_queries)
         features = embed(catalog_ref, split_ref, out, spec)
-        serving(features, out, spec)  # what makes the index quick to ask
+        serving(features, out, spec, params.ann)  # what makes the index quick to ask
         # Backends run one after another: each gets every core, so the timings are honest.
         loo = mode == "collection"  # the queries are index images: each leaves itself out
         runs = [knn(features, out, name, params.k, loo) for name in backends]

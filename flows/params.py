@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from tasks.errors import param
+from tasks.search.ann import AUTO_ROWS, AnnMode
 from tasks.search.backends import BACKEND_NAMES, BackendName
 from tasks.search.k import K
 from tasks.sources.stl10 import OFFICIAL_URL
@@ -187,6 +188,15 @@ Cluster = Annotated[
     ),
     NoneWord,
 ]
+Ann = Annotated[
+    AnnMode,
+    _param(
+        "The approximate index, for fast answers from large indexes: 'on' builds one (IVF-PQ "
+        "whose candidates are re-ranked exactly; its recall@10 against exact search is "
+        "measured on the run's own images and shown with every answer it gives), 'off' none, "
+        f"'auto' from {AUTO_ROWS:,} index images. A query may always ask for exact answers."
+    ),
+]
 Tolerance = Annotated[
     float, _param("Largest absolute distance deviation from scikit-learn that still passes.", gt=0)
 ]
@@ -240,6 +250,7 @@ class SearchParams(BaseModel):
     gpu_memory_fraction: GpuMemoryFraction = None
     backends: Backends = None
     cluster: Cluster = None
+    ann: Ann = "auto"
     k: K = 3
     tolerance: Tolerance = 1.0
     n_results: NResults = 5

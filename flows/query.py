@@ -32,16 +32,30 @@ IndexFolder = Annotated[
     str,
     Field(min_length=1, description="The index: the output folder of an image-search run."),
 ]
+_EXACT = (
+    "Exact answers even where the index has an approximate one (used otherwise; the table "
+    "says so, with its recall@10 measured when it was built)."
+)
+# Prefect's flow schema passes ``description=None`` over the annotation's own ``Field`` but
+# merges ``json_schema_extra`` (as in flows.params).
+Exact = Annotated[bool, Field(description=_EXACT, json_schema_extra={"description": _EXACT})]
 
 
 @task(cache_policy=NO_CACHE)
-def query_images(images: list[str], index_folder: str, k: int) -> list[dict[str, Any]]:
-    """Prefect task: answer ``images`` from the index in ``index_folder``; the neighbours as a
-    picture and a table artifact. Returns the table's rows."""
+def query_images(
+    images: list[str], index_folder: str, k: int, exact: bool = False
+) -> list[dict[str, Any]]:
+    """Prefect task: answer ``images`` from the index in ``index_folder`` (``exact``: never
+    from its approximate index); the neighbours as a picture and a table artifact. Returns the
+    table's rows."""
     index = open_index(index_folder)
     spec = model_spec(index.meta)
     answers = ask(
-        index, lazy(lambda: load_forward(spec, index.model_file)), query_sources(images), k
+        index,
+        lazy(lambda: load_forward(spec, index.model_file)),
+        query_sources(images),
+        k,
+        exact=exact,
     )
     rows = answer_rows(answers)
     failures = [a for a in answers if a.error is not None]
@@ -56,10 +70,12 @@ def query_images(images: list[str], index_folder: str, k: int) -> list[dict[str,
             ),
             description=f"Each query (left) with its {k} nearest images of {index.folder}",
         )
+    how = {a.tier.describe() for a in answers if a.tier is not None}
     create_table_artifact(
         key=artifact_key("query-results"),
         table=rows,
-        description=f"Nearest images of {index.folder} ({len(index)} images), exact Euclidean",
+        description=f"Nearest images of {index.folder} ({len(index)} images), Euclidean; "
+        + ("; ".join(sorted(how)) or "no answer"),
     )
     if len(failures) == len(answers):
         raise ImageSearchError(
@@ -73,13 +89,15 @@ def image_search_query(
     images: Images,
     index: IndexFolder = "image-search-out",
     k: K = 10,
+    exact: Exact = False,
 ) -> list[dict[str, Any]] | State:
-    """Find the ``k`` nearest index images of each query image, with the index's own model;
-    the neighbours appear as a picture and a table among the run's artifacts. A problem the
-    user can fix ends the run Failed with its message alone."""
+    """Find the ``k`` nearest index images of each query image, with the index's own model
+    (from its approximate index, if it has one, unless ``exact``); the neighbours appear as a
+    picture and a table among the run's artifacts. A problem the user can fix ends the run
+    Failed with its message alone."""
     quiet_user_errors()
     show_task_logs()
     try:
-        return query_images(images, index, k)
+        return query_images(images, index, k, exact)
     except ImageSearchError as exc:
         return failed(exc)

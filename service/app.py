@@ -159,12 +159,21 @@ class Timings(BaseModel):
 
 
 class SearchOut(BaseModel):
-    """The nearest index images of one query image."""
+    """The nearest index images of one query image, and the tier they came from."""
 
     query: str
     k: int
     index: IndexOut
     neighbours: list[NeighbourOut]
+    tier: Literal["exact", "approximate"] = Field(
+        description="exact: the true k nearest; approximate: from the approximate index "
+        "(ask ?exact=true for exact), distances still exact."
+    )
+    method: str = Field(description="How this tier searched.")
+    recall_at_10: float | None = Field(
+        description="approximate only: the share of the true 10 nearest its answers held, "
+        "measured against exact search on the index's own images when it was built."
+    )
     timings_ms: Timings
     batch: int = Field(description="Queries embedded and searched together with this one.")
 
@@ -537,6 +546,9 @@ def create_app(
         ] = None,
         k_field: Annotated[KValue, Form(alias="k")] = None,
         k: Annotated[KValue, Query(description=k_doc)] = None,
+        exact: Annotated[
+            bool, Query(description="Exact answers even where the index has an approximate one.")
+        ] = False,
     ) -> Any:
         """The nearest index images of an uploaded image (multipart field ``image``) or of the
         image at a URL (JSON ``{"url": ..., "k": ...}``). ``k`` as a query parameter wins over
@@ -576,14 +588,22 @@ def create_app(
         wanted = k if k is not None else body_k if body_k is not None else DEFAULT_K
         slot = busy.take()
         try:
-            return await _unless_gone(request, answer(url, data, name, wanted, started, slot))
+            return await _unless_gone(
+                request, answer(url, data, name, wanted, exact, started, slot)
+            )
         except ClientGone:
             return Response(status_code=499)  # nobody is listening; the status is for logs
         finally:
             slot.release()
 
     async def answer(
-        url: str | None, data: bytes, name: str, wanted: int, started: float, slot: Slot
+        url: str | None,
+        data: bytes,
+        name: str,
+        wanted: int,
+        exact: bool,
+        started: float,
+        slot: Slot,
     ) -> dict[str, Any]:
         if url is not None:
             data = await _fetch(url, limits, access.fetch, fetch_pool, slot)
@@ -592,7 +612,7 @@ def create_app(
         read = time.perf_counter()
         pixels = await run_in_threadpool(_decode, data, loaded.index.input_size, limits.max_pixels)
         decoded = time.perf_counter()
-        result = await asyncio.wrap_future(engine.submit(loaded, pixels, k))
+        result = await asyncio.wrap_future(engine.submit(loaded, pixels, k, exact))
         base = source_base(loaded.index)
         return {
             "query": name,
@@ -609,6 +629,7 @@ def create_app(
                 }
                 for n in result.neighbours
             ],
+            **result.tier.as_dict(),
             "timings_ms": {
                 "read": round((read - started) * 1e3, 2),
                 "decode": round((decoded - read) * 1e3, 2),

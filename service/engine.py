@@ -5,7 +5,13 @@ the queries of concurrent requests together.
 A request takes the current :class:`Loaded` once and keeps it to the end, so a swap never mixes
 two indexes in one answer and requests in flight finish on the index they started with. The new
 index is read completely (and checked to be one committed set) before the swap; until then, and
-whenever loading fails, the last good one keeps answering.
+whenever loading fails, the last good one keeps answering. Its tiers travel with it: the int8
+copy that exact answers scan and the approximate index with its recall are files of the same
+committed set, opened with it and swapped with it (for the moment of the swap both sets are in
+memory: 2 x 2 GiB of int8 copy at 10^6 images).
+
+Each query says whether it must be exact; the batcher searches the queries of one index and one
+choice together, and each result carries the tier it came from.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ from tasks.ask import (
     Forward,
     Index,
     Neighbour,
+    Tier,
     index_identity,
     load_forward,
     model_spec,
     open_index,
     search,
+    tier,
 )
 from tasks.errors import ImageSearchError
 from tasks.types import ModelSpec
@@ -71,9 +79,11 @@ def load(
 
 @dataclass(frozen=True)
 class Result:
-    """Neighbours of one query, and what the batch it was part of cost."""
+    """Neighbours of one query, the tier they came from, and what the batch it was part of
+    cost."""
 
     neighbours: list[Neighbour]
+    tier: Tier
     batch: int
     embed_ms: float
     search_ms: float
@@ -84,7 +94,20 @@ class _Job:
     loaded: Loaded
     pixels: np.ndarray  # (S, S, 3) uint8 at the index's input size
     k: int
+    exact: bool = False
     future: Future[Result] = field(default_factory=Future)
+
+
+def tiers(index: Index) -> dict[str, Any]:
+    """What each tier of ``index`` answers with, and the derived files passed over and why."""
+    exact = tier(index, exact=True)
+    approximate = tier(index)
+    return {
+        "exact": exact.method,
+        "approximate": approximate.as_dict() if approximate.name == "approximate" else None,
+        "certified": index.stats.as_dict() if index.certified is not None else None,
+        "passed_over": dict(index.passed_over),
+    }
 
 
 class Engine:
@@ -179,10 +202,13 @@ class Engine:
             except Exception:  # never let the watcher die: the next interval tries again
                 log.exception("checking %s for an updated index failed", self.folder)
 
-    def submit(self, loaded: Loaded, pixels: np.ndarray, k: int) -> Future[Result]:
+    def submit(
+        self, loaded: Loaded, pixels: np.ndarray, k: int, exact: bool = False
+    ) -> Future[Result]:
         """Queue one query (pixels (S, S, 3) uint8 at ``loaded``'s input size) for the batcher;
-        cancelling the future before its batch starts drops the query."""
-        job = _Job(loaded, pixels, k)
+        ``exact``: never from the approximate index. Cancelling the future before its batch
+        starts drops the query."""
+        job = _Job(loaded, pixels, k, exact)
         self._jobs.put(job)
         return job.future
 
@@ -204,9 +230,9 @@ class Engine:
                 jobs.append(more)
             # A query whose request was abandoned (its client went away) is dropped here.
             jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
-            groups: dict[int, list[_Job]] = {}
-            for j in jobs:  # one index and model per forward pass
-                groups.setdefault(id(j.loaded), []).append(j)
+            groups: dict[tuple[int, bool], list[_Job]] = {}
+            for j in jobs:  # one index and model per forward pass, one tier per search
+                groups.setdefault((id(j.loaded), j.exact), []).append(j)
             for group in groups.values():
                 self._run(group)
             if stopping:
@@ -219,7 +245,7 @@ class Engine:
             started = time.perf_counter()
             embeddings = loaded.forward(np.stack([j.pixels for j in jobs]))
             embedded = time.perf_counter()
-            answers = search(loaded.index, embeddings, max(j.k for j in jobs))
+            answers = search(loaded.index, embeddings, max(j.k for j in jobs), exact=jobs[0].exact)
             done = time.perf_counter()
         except BaseException as exc:  # the requests waiting on this batch get the error
             for j in jobs:
@@ -227,10 +253,11 @@ class Engine:
             if not isinstance(exc, Exception):
                 raise
             return
-        for j, neighbours in zip(jobs, answers, strict=True):
+        for j, (neighbours, how) in zip(jobs, answers, strict=True):
             j.future.set_result(
                 Result(
                     neighbours=neighbours[: j.k],
+                    tier=how,
                     batch=len(jobs),
                     embed_ms=(embedded - started) * 1e3,
                     search_ms=(done - embedded) * 1e3,
@@ -249,6 +276,7 @@ class Engine:
             "weights": loaded.spec.weights,
             "input_size": index.input_size,
             "features_from": index.features_from,
+            "tiers": tiers(index),
             "loaded_at": index.loaded_at,
             "identity": index.identity,
             "reloads": self.reloads,

@@ -32,6 +32,15 @@ INDEX_FEATURES = f"{FEATURES_DIR}/index.parquet"
 # and the half squared norm the exact search ranks with.
 INDEX_MATRIX = f"{FEATURES_DIR}/index.npy"
 INDEX_ROWS = f"{FEATURES_DIR}/index-rows.npy"
+# The compact copy that exact single queries scan (certified search, docs/certified.md): the
+# index's rows in int8, laid out as the int8 engine reads them (2048 x n), and per row the
+# terms of the certified bound; a quarter of the bytes of the float32 copy.
+INDEX_COMPACT = f"{FEATURES_DIR}/index-int8.npy"
+INDEX_COMPACT_ROWS = f"{FEATURES_DIR}/index-int8-rows.npy"
+# The approximate index (opt-in: the run's ann parameter) and what its build measured, among
+# it the recall@10 of its answers against exact search on the run's own images.
+ANN_INDEX = f"{FEATURES_DIR}/ann.faiss"
+ANN_INFO = f"{FEATURES_DIR}/ann.json"
 # The index's model, exported once, that embeds queries without building it again.
 QUERY_MODEL = f"{FEATURES_DIR}/model.onnx"
 QUERY_FEATURES = f"{FEATURES_DIR}/query.parquet"
@@ -72,6 +81,8 @@ SAMPLES = StageLayout("samples", (SAMPLES_FILE,))
 SPLIT = StageLayout("split", (SPLIT_FILE,))
 EMBED = StageLayout("embed", (INDEX_FEATURES, QUERY_FEATURES))
 INDEX_COPY = StageLayout("index-copy", (INDEX_MATRIX, INDEX_ROWS))
+INDEX_COMPACT_STAGE = StageLayout("index-compact", (INDEX_COMPACT, INDEX_COMPACT_ROWS))
+ANN = StageLayout("ann", (ANN_INDEX, ANN_INFO))
 QUERY_MODEL_STAGE = StageLayout("query-model", (QUERY_MODEL,))
 COMPARE = StageLayout("compare", (COMPARE_FILE, NEIGHBORS_FILE))
 EVALUATE = StageLayout("evaluate", (DUPLICATES_FILE, GALLERY_FILE, QUALITY_FILE))
@@ -91,7 +102,10 @@ def record_of(stage: str) -> str:
 
 def run_stages(backends: Iterable[str]) -> list[str]:
     """Every stage of one batch run, in order: the set it commits when it has finished."""
-    before = [CATALOG, SAMPLES, SPLIT, EMBED, INDEX_COPY, QUERY_MODEL_STAGE]
+    before = [
+        *(CATALOG, SAMPLES, SPLIT, EMBED),
+        *(INDEX_COPY, INDEX_COMPACT_STAGE, ANN, QUERY_MODEL_STAGE),
+    ]
     after = [COMPARE, EVALUATE, RESULTS, REPORT]
     return (
         [s.name for s in before] + [knn_stage(b).name for b in backends] + [s.name for s in after]
@@ -123,5 +137,9 @@ INDEX_FILES: dict[str, str] = {INDEX_FEATURES: EMBED.name, CATALOG_FILE: CATALOG
 INDEX_DERIVED: dict[str, str] = {
     INDEX_MATRIX: INDEX_COPY.name,
     INDEX_ROWS: INDEX_COPY.name,
+    INDEX_COMPACT: INDEX_COMPACT_STAGE.name,
+    INDEX_COMPACT_ROWS: INDEX_COMPACT_STAGE.name,
+    ANN_INDEX: ANN.name,
+    ANN_INFO: ANN.name,
     QUERY_MODEL: QUERY_MODEL_STAGE.name,
 }

@@ -70,8 +70,8 @@ def build_index(
 ) -> None:
     """An index of the images in ``images`` in ``out``, built by the batch run's own stages,
     with the session's random ResNet50 (``reuse_model``; else the model ``weights`` names,
-    built); ``serving``: with the memory-mapped copy and the exported model, as a run writes
-    them."""
+    built); ``serving``: with the memory-mapped copy, its int8 copy and the exported model, as
+    a run writes them."""
     import tasks.features.embed
     import tasks.features.serving
     from tasks.features.embed import assemble_features, catalog_collection
@@ -94,6 +94,7 @@ def build_index(
         features = assemble_features(cat, sp, run, spec)
         if serving:
             tasks.features.serving.index_copy(features, run)
+            tasks.features.serving.index_compact(features, run, progress=False)
             tasks.features.serving.query_model(spec, run, spec.key())
         run.commit(run_stages([]))
 

@@ -27,7 +27,13 @@ def query(command: QueryCommand) -> int:
             "the index was built with random weights; neighbours are exact but say nothing "
             "about what the images show."
         )
-    ask(index, lazy(lambda: load_forward(spec, index.model_file)), answers, command.k)
+    ask(
+        index,
+        lazy(lambda: load_forward(spec, index.model_file)),
+        answers,
+        command.k,
+        exact=command.exact,
+    )
     if command.as_json:
         print(json.dumps(answer_rows(answers), indent=1))
     else:

@@ -51,6 +51,11 @@ class QueryCommand(BaseModel):
         description="The index: the --out folder of a finished `image-search run`.", min_length=1
     )
     k: K = 10
+    exact: CliToggleFlag[bool] = Field(
+        False,
+        description="Exact answers even where the index has an approximate one (which it "
+        "uses otherwise, with its measured recall shown).",
+    )
     as_json: CliToggleFlag[bool] = Field(
         False, alias="json", description="Print the results as JSON instead of a table."
     )

@@ -11,7 +11,12 @@ An index is the output folder of a finished ``image-search run``. The steps, eac
 - :func:`load_forward` gives its forward pass (the exported model, else TensorFlow);
 - :func:`query_sources` turns the user's arguments into pending answers, :func:`ask` answers
   them, :func:`search` finds the neighbours of embeddings; ``k`` is checked by
-  :func:`tasks.search.k.check_k` (bound :data:`tasks.search.k.MAX_K`).
+  :func:`tasks.search.k.check_k` (bound :data:`tasks.search.k.MAX_K`);
+- tiers: an index whose run built an approximate index answers from it unless a query asks
+  for exact (``exact=True``); exact answers come from the certified scan of the int8 copy
+  (same answer as the float32 scan, a quarter of the bytes), else the float32 rows; each
+  answer's :class:`Tier` says which, and for approximate ones the recall@10 measured when the
+  index was built (:func:`tier`).
 
 Presentation (tables, JSON rows, pictures) lives at the edges: ``tasks.report.answers``.
 
@@ -24,7 +29,7 @@ current, and :func:`tasks.ask.index._load` opens it into a field of :class:`Inde
 from tasks.ask.embedding import MODEL, Forward, lazy, load_forward, model_spec
 from tasks.ask.files import index_identity
 from tasks.ask.index import THUMB, Index, how_to_build, open_index
-from tasks.ask.search import Answer, Neighbour, ask, index_k, query_sources, search
+from tasks.ask.search import Answer, Neighbour, Tier, ask, index_k, query_sources, search, tier
 
 __all__ = [
     "MODEL",
@@ -33,6 +38,7 @@ __all__ = [
     "Forward",
     "Index",
     "Neighbour",
+    "Tier",
     "ask",
     "how_to_build",
     "index_identity",
@@ -43,4 +49,5 @@ __all__ = [
     "open_index",
     "query_sources",
     "search",
+    "tier",
 ]

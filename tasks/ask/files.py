@@ -10,6 +10,9 @@ Files of record (``tasks.layout.INDEX_FILES``) must be there. Derived files
 tier adds) are used only when their stage's record says they were made from the files of record
 now in place; otherwise the reader falls back to the files of record and says why.
 
+A file unlike its record while no run holds the folder's lock (:func:`being_written`) will
+not settle by waiting: :func:`damage` says how it differs (missing, size, content).
+
 The copy is two ``.npy`` files: the embeddings as one (n, 2048) float32 matrix, and per row the
 image id (int64) and the half squared norm (float64) the exact search ranks with, so that
 opening an index costs a memory map, not a read of every embedding.
@@ -17,6 +20,7 @@ opening an index costs a memory map, not a read of every embedding.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from collections.abc import Iterator
@@ -26,8 +30,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from tasks.errors import ImageSearchError
+from tasks.errors import ImageSearchError, param
 from tasks.features.model import DIM
+from tasks.fingerprints import file_digest
 from tasks.layout import (
     EMBED,
     INDEX_DERIVED,
@@ -35,6 +40,9 @@ from tasks.layout import (
     INDEX_FILES,
     INDEX_MATRIX,
     INDEX_ROWS,
+    JOURNAL,
+    LOCK_FILE,
+    STAGING_DIR,
     record_of,
 )
 from tasks.search.exact import PreparedIndex
@@ -109,36 +117,53 @@ def _batches(features: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         yield ids, values.reshape(-1, DIM)
 
 
+def write_at(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """Write all of ``data`` at byte ``offset`` of the open file ``fd``."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
 def write_copy(features: Path, matrix: Path, rows: Path) -> int:
     """Write the memory-mappable copy of the feature file ``features``: ``matrix`` (n, 2048)
     float32 and ``rows`` (n,) of (image_id, half squared norm), both atomically, row group by
-    row group (memory stays flat). Returns n.
+    row group (memory stays flat: the matrix is written with plain writes, not through a map
+    that would keep every page written resident). Returns n.
 
     Raises ImageSearchError for a feature file that is unsorted or holds NaN or infinity.
     """
     n = pq.ParquetFile(features).metadata.num_rows
     with atomic_path(matrix) as tmp_matrix, atomic_path(rows) as tmp_rows:
-        data = np.lib.format.open_memmap(tmp_matrix, mode="w+", dtype=np.float32, shape=(n, DIM))
+        sized = np.lib.format.open_memmap(tmp_matrix, mode="w+", dtype=np.float32, shape=(n, DIM))
+        del sized  # the file exists with its header at full size; rows are written below
+        offset = MatrixFile(tmp_matrix).offset
         per_row = np.lib.format.open_memmap(tmp_rows, mode="w+", dtype=ROWS_DTYPE, shape=(n,))
         start = 0
-        for ids, emb in _batches(features):
-            end = start + len(ids)
-            if not np.isfinite(emb).all():
-                raise ImageSearchError(f"{features} holds NaN or infinite embeddings.")
-            data[start:end] = emb
-            per_row["image_id"][start:end] = ids
-            # As the exact search's prepare_index computes them: float64 sums, halved.
-            per_row["half_sq_norm"][start:end] = (
-                np.einsum("ij,ij->i", emb, emb, dtype=np.float64) * 0.5
-            )
-            start = end
+        fd = os.open(tmp_matrix, os.O_WRONLY)
+        try:
+            for ids, emb in _batches(features):
+                end = start + len(ids)
+                if end > n:
+                    break
+                if not np.isfinite(emb).all():
+                    raise ImageSearchError(f"{features} holds NaN or infinite embeddings.")
+                block = np.ascontiguousarray(emb, dtype=np.float32)
+                write_at(fd, block.data, offset + start * DIM * 4)
+                per_row["image_id"][start:end] = ids
+                # As the exact search's prepare_index computes them: float64 sums, halved.
+                per_row["half_sq_norm"][start:end] = (
+                    np.einsum("ij,ij->i", emb, emb, dtype=np.float64) * 0.5
+                )
+                start = end
+        finally:
+            os.close(fd)
         if start != n:
-            raise ImageSearchError(f"{features} says {n} rows but holds {start}.")
+            raise ImageSearchError(f"{features} says {n} rows but holds more or fewer.")
         if n > 1 and not (np.diff(per_row["image_id"]) > 0).all():
             raise ImageSearchError(f"{features} is not sorted by image_id.")
-        data.flush()
         per_row.flush()
-        del data, per_row
+        del per_row
     return n
 
 
@@ -163,6 +188,126 @@ def open_copy(matrix: Path, rows: Path, n: int) -> tuple[np.ndarray, PreparedInd
     return np.ascontiguousarray(per_row["image_id"]), prepared
 
 
+class MatrixFile:
+    """The rows of a 2-D ``.npy`` file read with plain reads, block by block or by position.
+
+    A pass over an index of any size keeps memory at one block: a memory map would keep every
+    page the pass touched resident in the process (8 GB for 10^6 x 2048 float32).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            self.offset = f.tell()
+        if len(shape) != 2 or fortran or dtype.hasobject:
+            raise ValueError(f"{path} holds {dtype} {shape}, not a C-ordered matrix")
+        self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(dtype)
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as a new (stop - start, d) array."""
+        stop = min(stop, self.shape[0])
+        out = np.empty((max(0, stop - start), self.shape[1]), dtype=self.dtype)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset + start * self.row_bytes)
+            view = out.data.cast("B")
+            done = 0
+            while done < out.nbytes:
+                got = f.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"{self.path} ends before row {stop}")
+                done += got
+        return out
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """Rows at ``positions`` (m,) as a new (m, d) array, in the order given."""
+        out = np.empty((len(positions), self.shape[1]), dtype=self.dtype)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for i, p in enumerate(np.asarray(positions, dtype=np.int64)):
+                data = os.pread(fd, self.row_bytes, self.offset + int(p) * self.row_bytes)
+                if len(data) != self.row_bytes:
+                    raise ValueError(f"{self.path} ends before row {int(p)}")
+                out[i] = np.frombuffer(data, dtype=self.dtype)
+        finally:
+            os.close(fd)
+        return out
+
+    def blocks(self, rows: int, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, rows (m <= ``rows``, d)) from row ``start`` to the end."""
+        for s in range(start, self.shape[0], rows):
+            yield s, self.rows(s, s + rows)
+
+
 def copy_paths(folder: Path) -> tuple[Path, Path]:
     """Where the copy of ``folder``'s index features lives (matrix, rows)."""
     return folder / INDEX_MATRIX, folder / INDEX_ROWS
+
+
+def being_written(folder: Path) -> bool:
+    """Whether a run holds the folder's lock now (it is writing, or about to commit, there), or
+    a commit's journal is in it. Asks the lock without taking it and without creating its file,
+    so a read-only index is asked too."""
+    if (folder / STAGING_DIR / JOURNAL).exists():
+        return True
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: no run has ever held this folder (or it is not ours)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def damaged(folder: Path, files: dict[str, str]) -> None:
+    """Raise for the first of ``files`` (path relative to ``folder`` -> the stage that wrote it)
+    that is not what its stage recorded (see :func:`damage`)."""
+    for rel, stage in files.items():
+        what = damage(folder, rel, stage)
+        if what is not None:
+            raise ImageSearchError(
+                f"Index folder {folder} is damaged: {what}; it will not mend by itself: run "
+                f"image-search again with {param('out')} {folder} to rebuild it."
+            )
+
+
+def damage(folder: Path, rel: str, stage: str) -> str | None:
+    """How file ``rel`` of ``folder`` differs from what ``stage`` recorded: missing, another
+    size, or other bytes (the SHA-256 is read only when the size matches and the time does
+    not); None when it matches, or only lost its recorded time (a copied folder)."""
+    record = read_record(folder, stage)
+    try:
+        seen = record["outputs"][rel] if record else None
+    except (KeyError, TypeError):
+        seen = None
+    if not isinstance(seen, dict):
+        return None
+    try:
+        st = os.stat(folder / rel)
+    except OSError:
+        return f"{rel} is missing although its record {record_of(stage)} lists it"
+    if st.st_size != seen.get("size"):
+        return (
+            f"{rel} holds {st.st_size:,} bytes where its record {record_of(stage)} says "
+            f"{seen.get('size'):,}"
+        )
+    if st.st_mtime_ns != seen.get("mtime_ns") and file_digest(folder / rel) != seen.get("sha256"):
+        return f"{rel} no longer has the content its record {record_of(stage)} describes"
+    return None

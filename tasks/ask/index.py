@@ -1,30 +1,36 @@
 """Open an index: the output folder of a finished ``image-search run``, read as one committed set
 (:mod:`tasks.ask.files`): its features (the memory-mapped copy when it is current, else the
 Parquet file of record), the catalog (where each image is, its label and content hash), the
-metadata that says which model built it, and the exported model when there is a current one."""
+metadata that says which model built it, the exported model when there is a current one, and
+the files of its faster tiers when they are current: the int8 copy that exact answers scan
+(:mod:`tasks.ask.compact`) and the approximate index with its measured recall
+(:mod:`tasks.search.ann`). A derived file that is missing, stale or damaged is passed over with
+a log line saying why; answers then come from the next tier down, labelled as what they are."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tasks.ask.compact import open_compact
 from tasks.ask.files import (
+    being_written,
     copy_paths,
     copy_source,
+    damage,
+    damaged,
     derived_problem,
     index_identity,
     open_copy,
@@ -33,24 +39,30 @@ from tasks.catalog import META_KEY as CATALOG_META_KEY
 from tasks.errors import ImageSearchError, param
 from tasks.features import store
 from tasks.features.model import DIM
-from tasks.fingerprints import file_digest
 from tasks.layout import (
+    ANN,
+    ANN_INDEX,
+    ANN_INFO,
     CATALOG_FILE,
+    INDEX_COMPACT,
+    INDEX_COMPACT_ROWS,
+    INDEX_COMPACT_STAGE,
     INDEX_COPY,
     INDEX_DERIVED,
     INDEX_FEATURES,
     INDEX_FILES,
-    JOURNAL,
-    LOCK_FILE,
     QUERY_MODEL,
     QUERY_MODEL_STAGE,
-    STAGING_DIR,
-    record_of,
+    StageLayout,
 )
+from tasks.search.certified import CertifiedIndex, CertifiedStats
 from tasks.search.exact import PreparedIndex, prepare_index
 from tasks.sources.collection import Collection, reopen
 from tasks.sources.images import BadImage
 from tasks.storage import read_record, unsettled
+
+if TYPE_CHECKING:
+    from tasks.search.ann import AnnIndex
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +109,9 @@ class Index:
     the exported model file when the folder holds a current one.
 
     ``features_from`` says which file the embeddings came from (the copy or the Parquet file).
+    ``certified``: the exact tier over the int8 copy (None: exact answers scan the float32
+    rows); ``approximate``: the approximate index (None: every answer is exact); ``passed_over``
+    says, per derived file that is not used, why.
     """
 
     folder: Path
@@ -110,10 +125,18 @@ class Index:
     identity: str
     features_from: str
     model_file: Path | None = None
+    certified: CertifiedIndex | None = None
+    approximate: AnnIndex | None = None
+    passed_over: dict[str, str] = field(default_factory=dict)
+    stats: CertifiedStats = field(default_factory=CertifiedStats)
     loaded_at: float = field(default_factory=time.time)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """The float32 rows (m, 2048) at ``positions`` (m,): only those are read."""
+        return np.asarray(self.prepared.data[positions])
 
     @property
     def input_size(self) -> int:
@@ -200,14 +223,20 @@ def open_index(folder: str | Path, attempts: int = 5, wait_s: float = 0.5) -> In
                 f"{path} holds {INDEX_FEATURES} but no {CATALOG_FILE}; run image-search "
                 f"again with {param('out')} {path} to write it."
             )
-        reason = unsettled(path, {**INDEX_FILES, **INDEX_DERIVED}) or ""
-        if reason and not being_written(path):
-            # Nobody is writing the folder: a file that differs from its record stays so.
-            damaged(path, {**INDEX_FILES, **INDEX_DERIVED})
+        reason = unsettled(path, INDEX_FILES) or ""
+        changed = {r: why for r in INDEX_DERIVED if (why := unsettled(path, {r: INDEX_DERIVED[r]}))}
+        if (reason or changed) and not being_written(path):
+            # Nobody is writing the folder: a file that differs from its record stays so. A
+            # file of record that does is an error; a derived one is passed over below.
+            damaged(path, INDEX_FILES)
             reason = ""  # touched, not changed (a copy that did not keep the files' times)
-        if reason:
+            changed = {r: why for r in changed if (why := damage(path, r, INDEX_DERIVED[r]))}
+        elif reason or (changed and attempt < attempts - 1):
+            reason = reason or next(iter(changed.values()))
             continue
-        index = _load(path, before)
+        # Derived files still unlike their records after every attempt are damaged, not being
+        # committed: they are passed over, the files of record answer.
+        index = _load(path, before, changed)
         if index_identity(path) == before:
             return index
         reason = "its files changed while they were read"
@@ -217,73 +246,22 @@ def open_index(folder: str | Path, attempts: int = 5, wait_s: float = 0.5) -> In
     )
 
 
-def being_written(folder: Path) -> bool:
-    """Whether a run holds the folder's lock now (it is writing, or about to commit, there), or
-    a commit's journal is in it. Asks the lock without taking it and without creating its file,
-    so a read-only index is asked too."""
-    if (folder / STAGING_DIR / JOURNAL).exists():
-        return True
-    try:
-        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return False  # no lock file: no run has ever held this folder (or it is not ours)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
+def _derived_problem(path: Path, stage: StageLayout, changed: dict[str, str]) -> str | None:
+    """Why the files of derived ``stage`` cannot be used (see :func:`derived_problem`), also
+    when one of them is among ``changed`` (unlike its record: damaged)."""
+    damaged = [changed[rel] for rel in stage.outputs if rel in changed]
+    if damaged:
+        return damaged[0]
+    source = copy_source(path)
+    if source is None:
+        return "no record of the features"
+    return derived_problem(path, stage.name, source)
 
 
-def damaged(folder: Path, files: dict[str, str]) -> None:
-    """Raise for the first of ``files`` (path relative to ``folder`` -> the stage that wrote it)
-    that is not what its stage recorded: missing, another size, or other bytes (the SHA-256 is
-    read only when the size matches and the time does not). A file that only lost its recorded
-    time (a copied folder) passes."""
-    for rel, stage in files.items():
-        record = read_record(folder, stage)
-        try:
-            seen = record["outputs"][rel] if record else None
-        except (KeyError, TypeError):
-            seen = None
-        if not isinstance(seen, dict):
-            continue
-        fix = (
-            f"it will not mend by itself: run image-search again with {param('out')} {folder} "
-            f"to rebuild it"
-        )
-        try:
-            st = os.stat(folder / rel)
-        except OSError:
-            raise ImageSearchError(
-                f"Index folder {folder} is damaged: {rel} is missing although its record "
-                f"{record_of(stage)} lists it; {fix}."
-            ) from None
-        if st.st_size != seen.get("size"):
-            raise ImageSearchError(
-                f"Index folder {folder} is damaged: {rel} holds {st.st_size:,} bytes where its "
-                f"record {record_of(stage)} says {seen.get('size'):,}; {fix}."
-            )
-        if st.st_mtime_ns != seen.get("mtime_ns") and file_digest(folder / rel) != seen.get(
-            "sha256"
-        ):
-            raise ImageSearchError(
-                f"Index folder {folder} is damaged: {rel} no longer has the content its record "
-                f"{record_of(stage)} describes; {fix}."
-            )
-
-
-def _features(path: Path, n: int) -> tuple[np.ndarray, PreparedIndex, str]:
+def _features(path: Path, n: int, changed: dict[str, str]) -> tuple[np.ndarray, PreparedIndex, str]:
     """The index's embeddings: from the memory-mapped copy when it was made from the features
     in place, else read from the Parquet file (seconds for large indexes), saying why."""
-    source = copy_source(path)
-    problem = "no record of the features" if source is None else None
-    problem = problem or derived_problem(path, INDEX_COPY.name, source or {})
+    problem = _derived_problem(path, INDEX_COPY, changed)
     if problem is None:
         try:
             ids, prepared = open_copy(*copy_paths(path), n)
@@ -298,16 +276,60 @@ def _features(path: Path, n: int) -> tuple[np.ndarray, PreparedIndex, str]:
     return ids, prepare_index(emb), INDEX_FEATURES
 
 
-def _model_file(path: Path, meta: dict[str, Any]) -> Path | None:
+def _certified(
+    path: Path, prepared: PreparedIndex, changed: dict[str, str]
+) -> tuple[CertifiedIndex | None, str | None]:
+    """The exact tier over the int8 copy when it is current (else None and why: exact answers
+    then scan the float32 rows)."""
+    problem = _derived_problem(path, INDEX_COMPACT_STAGE, changed)
+    if problem is None:
+        record = read_record(path, INDEX_COMPACT_STAGE.name) or {}
+        try:
+            zero_point = int((record.get("info") or {})["zero_point"])
+            prepared_int8 = open_compact(
+                path / INDEX_COMPACT, path / INDEX_COMPACT_ROWS, prepared.data, zero_point
+            )
+            return prepared_int8, None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problem = str(exc)
+    log.info("exact answers scan the float32 rows, not their int8 copy: %s", problem)
+    return None, problem
+
+
+def _approximate(path: Path, n: int, changed: dict[str, str]) -> tuple[AnnIndex | None, str]:
+    """The approximate index when it is current, else None and why (every answer is then
+    exact). A run that built none says so quietly; one whose files are missing, stale or
+    damaged is named in a warning."""
+    from tasks.search import ann as approximate
+
+    if read_record(path, ANN.name) is None:
+        return None, "the run built no approximate index (its ann parameter)"
+    problem = _derived_problem(path, ANN, changed)
+    if problem is None:
+        try:
+            described = json.loads((path / ANN_INFO).read_text())
+            found = approximate.load(path / ANN_INDEX, described)
+            if len(found) != n:
+                raise ValueError(f"it holds {len(found)} rows, the index {n}")
+            return found, ""
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problem = str(exc)
+    log.warning("the approximate index is not used, answers are exact: %s", problem)
+    return None, problem
+
+
+def _model_file(path: Path, meta: dict[str, Any], changed: dict[str, str]) -> Path | None:
     """The exported model when its record says it is the model of these features."""
-    problem = derived_problem(path, QUERY_MODEL_STAGE.name, {"model_key": meta.get("model_key")})
+    problem = changed.get(QUERY_MODEL) or derived_problem(
+        path, QUERY_MODEL_STAGE.name, {"model_key": meta.get("model_key")}
+    )
     if problem is not None:
         log.info("no exported model for this index (%s)", problem)
         return None
     return path / QUERY_MODEL
 
 
-def _load(path: Path, identity: str) -> Index:
+def _load(path: Path, identity: str, changed: dict[str, str]) -> Index:
     features = path / INDEX_FEATURES
     meta = store.read_metadata(features)
     try:
@@ -323,7 +345,7 @@ def _load(path: Path, identity: str) -> Index:
         raise ImageSearchError(f"{features} holds {dim}-d embeddings, not {DIM}-d.")
     if n == 0:
         raise ImageSearchError(f"{features} holds no images; index at least one image.")
-    ids, prepared, features_from = _features(path, n)
+    ids, prepared, features_from = _features(path, n, changed)
     catalog_path = path / CATALOG_FILE
     try:
         catalog = pq.ParquetFile(catalog_path)  # not read_table: its dataset layer loads pandas
@@ -346,6 +368,9 @@ def _load(path: Path, identity: str) -> Index:
             f"again with {param('out')} {path}."
         )
     indices = _int64_array(take)
+    certified, no_certified = _certified(path, prepared, changed)
+    approximate, no_approximate = _approximate(path, n, changed)
+    passed_over = {INDEX_COMPACT: no_certified or "", ANN_INDEX: no_approximate}
     return Index(
         folder=path,
         ids=ids,
@@ -357,5 +382,8 @@ def _load(path: Path, identity: str) -> Index:
         collection_meta=dict(collection_meta),
         identity=identity,
         features_from=features_from,
-        model_file=_model_file(path, meta),
+        model_file=_model_file(path, meta, changed),
+        certified=certified,
+        approximate=approximate,
+        passed_over={rel: why for rel, why in passed_over.items() if why},
     )

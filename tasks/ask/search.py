@@ -1,18 +1,24 @@
 """Ask an index: the query images that the user's arguments name, each read and decoded by the
-one rule at the index's input size, embedded, and searched exactly (true Euclidean distance,
-nearest first). A query that cannot be used is an answer with its reason; the others are
-answered."""
+one rule at the index's input size, embedded, and searched (true Euclidean distance, nearest
+first). A query that cannot be used is an answer with its reason; the others are answered.
+
+Tiers: an index with an approximate index answers from it unless the query asks for exact
+(``exact=True``); exact answers come from the certified scan of the int8 copy, else from the
+float32 rows. Every answer carries its :class:`Tier`: exact, or approximate with the recall@10
+its index measured against exact search on the run's own images."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from tasks.ask.embedding import Forward
 from tasks.ask.index import THUMB, Index
+from tasks.search.certified import search_certified
 from tasks.search.exact import search_prepared
 from tasks.search.k import check_k
 from tasks.sources.collection import open_collection, read_uri
@@ -32,14 +38,60 @@ class Neighbour:
     label: str | None
 
 
+@dataclass(frozen=True)
+class Tier:
+    """How an answer was found. ``exact``: the true k nearest (by the certified scan of the
+    int8 copy or the float32 rows, ``method`` says which). ``approximate``: from the approximate
+    index, whose answers held ``recall`` of the true ``recall_k`` nearest on average when
+    measured on ``recall_queries`` of the run's own images; its distances are still exact."""
+
+    name: str
+    method: str
+    recall: float | None = None
+    recall_k: int | None = None
+    recall_queries: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields every answer shows (JSON, the service)."""
+        return {"tier": self.name, "method": self.method, "recall_at_10": self.recall}
+
+    def describe(self) -> str:
+        """One line for a person."""
+        if self.recall is None:
+            return f"{self.name} ({self.method})"
+        return (
+            f"{self.name} ({self.method}): recall@{self.recall_k} {self.recall:.4f}, measured "
+            f"against exact search on {self.recall_queries} of the index's own images"
+        )
+
+
+def tier(index: Index, exact: bool = False) -> Tier:
+    """The tier a search of ``index`` answers from (``exact``: the query asks for exact)."""
+    ann = index.approximate
+    if not exact and ann is not None and ann.recall is not None:
+        return Tier(
+            "approximate",
+            f"IVF-PQ, {ann.probe.nprobe} lists probed, {ann.probe.rerank} candidates re-ranked "
+            f"exactly",
+            ann.recall.value,
+            ann.recall.k,
+            ann.recall.queries,
+        )
+    if index.certified is not None:
+        return Tier("exact", "certified scan of the int8 copy")
+    return Tier("exact", "scan of the float32 rows")
+
+
 @dataclass
 class Answer:
-    """The neighbours of one query image, or why it could not be asked."""
+    """The neighbours of one query image, or why it could not be asked, and how they were
+    found."""
 
     query: str
     neighbours: list[Neighbour] = field(default_factory=list)
     error: str | None = None
     pixels: np.ndarray | None = field(default=None, repr=False)  # (96, 96, 3) uint8, to show
+    tier: Tier | None = None
 
 
 def index_k(k: int, index: Index) -> int:
@@ -47,11 +99,30 @@ def index_k(k: int, index: Index) -> int:
     return check_k(k, len(index), index=f"the index in {index.folder}")
 
 
-def search(index: Index, embeddings: np.ndarray, k: int) -> list[list[Neighbour]]:
-    """The ``k`` nearest index images of each embedding ((q, 2048) float32), nearest first."""
+def _exact(index: Index, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if index.certified is not None:
+        return search_certified(index.certified, embeddings, k, stats=index.stats)
+    return search_prepared(index.prepared, embeddings, k)
+
+
+def search(
+    index: Index, embeddings: np.ndarray, k: int, *, exact: bool = False
+) -> list[tuple[list[Neighbour], Tier]]:
+    """The ``k`` nearest index images of each embedding ((q, 2048) float32), nearest first,
+    with the tier each answer came from (see :func:`tier`; ``exact``: never approximate)."""
     k = index_k(k, index)
-    distances, positions = search_prepared(index.prepared, embeddings, k)
-    return [
+    chosen = tier(index, exact)
+    tiers = [chosen] * len(embeddings)
+    if chosen.name == "approximate" and index.approximate is not None:
+        distances, positions = index.approximate.search(index.take, embeddings, k)
+        short = np.flatnonzero((positions >= len(index)).any(axis=1))
+        if len(short):  # fewer candidates than k: those queries are answered exactly
+            distances[short], positions[short] = _exact(index, embeddings[short], k)
+            for i in short:
+                tiers[i] = tier(index, exact=True)
+    else:
+        distances, positions = _exact(index, embeddings, k)
+    found = [
         [
             Neighbour(
                 rank=r + 1,
@@ -64,6 +135,7 @@ def search(index: Index, embeddings: np.ndarray, k: int) -> list[list[Neighbour]
         ]
         for drow, prow in zip(distances, positions, strict=True)
     ]
+    return list(zip(found, tiers, strict=True))
 
 
 def query_sources(sources: Sequence[str]) -> list[Answer]:
@@ -108,10 +180,12 @@ def ask(
     *,
     reader: Callable[[str], bytes] = read_uri,
     batch: int = EMBED_BATCH,
+    exact: bool = False,
 ) -> list[Answer]:
     """Answer the pending ``answers`` (see :func:`query_sources`) in place: read, decode by the
-    one rule at the index's input size, embed with ``forward``, search. A query that cannot be
-    read or decoded gets its reason in ``Answer.error``; returns ``answers``.
+    one rule at the index's input size, embed with ``forward``, search (``exact``: never from
+    the approximate index). A query that cannot be read or decoded gets its reason in
+    ``Answer.error``; returns ``answers``.
     """
     k = index_k(k, index)
     pending_all = [a for a in answers if a.error is None and not a.neighbours]
@@ -131,6 +205,7 @@ def ask(
         if not pending:
             continue
         embeddings = forward(np.stack([p for _, p in pending]))
-        for (answer, _), neighbours in zip(pending, search(index, embeddings, k), strict=True):
-            answer.neighbours = neighbours
+        found = search(index, embeddings, k, exact=exact)
+        for (answer, _), (neighbours, how) in zip(pending, found, strict=True):
+            answer.neighbours, answer.tier = neighbours, how
     return list(answers)

@@ -14,7 +14,9 @@ from tasks.report.pictures import image_grid
 
 
 def answer_rows(answers: Iterable[Answer]) -> list[dict[str, Any]]:
-    """One row per (query, neighbour), and one per query that failed (``error`` set)."""
+    """One row per (query, neighbour), with the tier it came from (``tier``, ``method``,
+    ``recall_at_10``: see :class:`tasks.ask.Tier`), and one per query that failed (``error``
+    set)."""
     rows: list[dict[str, Any]] = []
     for a in answers:
         if a.error is not None:
@@ -28,6 +30,7 @@ def answer_rows(answers: Iterable[Answer]) -> list[dict[str, Any]]:
                 "image_id": n.image_id,
                 "uri": n.uri,
                 "label": n.label,
+                **(a.tier.as_dict() if a.tier else {}),
             }
             for n in a.neighbours
         )
@@ -35,7 +38,8 @@ def answer_rows(answers: Iterable[Answer]) -> list[dict[str, Any]]:
 
 
 def format_table(answers: Iterable[Answer]) -> str:
-    """The answers as text: per query, a table of rank, distance, image id and URI."""
+    """The answers as text: per query, a table of rank, distance, image id and URI, and the
+    tier the answer came from."""
     lines: list[str] = []
     for a in answers:
         lines.append(f"query: {a.query}")
@@ -48,6 +52,8 @@ def format_table(answers: Iterable[Answer]) -> str:
             f"  {n.rank:>4}  {n.distance:>10.4f}  {n.image_id:>{width}}  {n.uri}"
             for n in a.neighbours
         )
+        if a.tier is not None:
+            lines.append(f"  tier: {a.tier.describe()}")
     return "\n".join(lines)
 
 
