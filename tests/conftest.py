@@ -17,6 +17,7 @@ import pytest
 
 from tasks.sources.sample import to_stl10_bytes
 from tests.http_server import MisbehavingServer
+from tests.indexes import Built, build_index, describe, write_images
 
 # Before anything imports Prefect or TensorFlow: keep every byte on this machine.
 os.environ.update(
@@ -32,10 +33,22 @@ os.environ.update(
 )
 
 
+# Fixtures that start a process or a server (a Prefect API, a Dask cluster, an S3 server, the
+# HTTP service): a test that uses one is `slow`, wherever it is, so the quick loop
+# (-m "not slow and not e2e") starts none of them.
+SLOW_FIXTURES = frozenset(
+    {"prefect_harness", "dask_address", "sharded_and_numpy", "s3_server", "service"}
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip `gpu` tests, with the reason, where no CUDA device and RAPIDS are present."""
+    """Mark every test that needs a process or a server `slow`; skip `gpu` tests, with the
+    reason, where no CUDA device and RAPIDS are present."""
     from tasks.search.backends import CumlBackend
 
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     reason = CumlBackend().unavailable_reason()
     if reason is None:
         return
@@ -142,6 +155,30 @@ def reuse_random_resnet(random_resnet: Any, monkeypatch: pytest.MonkeyPatch) -> 
         return original(weights, seed, precision)
 
     monkeypatch.setattr(tasks.features.embed, "build_model", build)
+
+
+@pytest.fixture(scope="session")
+def random_forward(random_resnet: Any) -> Any:
+    """The batch run's forward pass (TensorFlow) of the session's random ResNet50."""
+    from tasks.features.model import make_forward
+
+    return make_forward(random_resnet[0])
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory, random_resnet: Any) -> Built:
+    """One index of 24 generated images for the session, built by the batch run's stages with
+    the session's model; tests that change it work on a copy."""
+    base = tmp_path_factory.mktemp("query-index")
+    write_images(base / "images", 24)
+    build_index(base / "images", base / "out", random_resnet)
+    return Built(base / "images", base / "out", describe(base / "out"))
+
+
+@pytest.fixture(scope="session")
+def index(built: Built) -> Built:
+    """The shared index by the name the service tests use."""
+    return built
 
 
 @pytest.fixture(scope="session")

@@ -155,6 +155,7 @@ def test_pure_function_loggers_are_added_to_prefects(
     assert os.environ.get(name) == before
 
 
+@pytest.mark.slow
 def test_importing_the_command_line_leaves_prefect_unloaded() -> None:
     """The command line sets Prefect's logging variables before Prefect reads them."""
     done = subprocess.run(
@@ -180,6 +181,7 @@ def test_temporary_api_start_up_budget(monkeypatch: pytest.MonkeyPatch) -> None:
         assert startup_timeout() == 7
 
 
+@pytest.mark.slow
 def test_an_unexpected_error_shows_a_traceback_only_when_asked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None
 ) -> None:

@@ -248,6 +248,7 @@ def test_bfloat16_is_opt_in_close_to_float32_and_restores_policy(
         build_model("none", precision="float16")
 
 
+@pytest.mark.slow
 def test_cataloguing_a_large_file_keeps_memory_flat_and_embeds_each_content_once(
     tmp_path: Path,
 ) -> None:

@@ -71,6 +71,12 @@ def test_flow_on_sample_end_to_end_and_rerun_is_free(
     neighbors = pq.read_table(out / "neighbors.parquet")
     assert neighbors.num_rows == 2 * 30 * 3
     assert pq.read_table(out / "features" / "index.parquet").num_rows == 270
+    # The terminal and the UI both read the run's log: it says the weights are random, as a
+    # warning, not buried among INFO lines.
+    logs = flow_run_logs(state.state_details.flow_run_id)
+    warned = [log for log in logs if "random weights" in log.message]
+    assert warned and warned[0].level >= 30
+    assert "not meaningful image descriptors" in warned[0].message
     assert artifact_keys(state.state_details.flow_run_id) == {
         "catalog",
         "duplicates",
@@ -130,7 +136,7 @@ def test_user_error_ends_the_run_failed_with_the_message_alone(tmp_path: Path) -
     assert state.message is not None
     assert state.message.startswith(f"Source '{missing}' is neither a URL")
     assert state.message.endswith(", or source sample.")
-    logs = flow_run_logs(state.state_details.flow_run_id)
+    logs = flow_run_logs(state.state_details.flow_run_id, until=state.message)
     assert any(state.message in log.message for log in logs), [log.message for log in logs]
     tracebacks = [log.message for log in logs if "Traceback" in log.message]
     assert tracebacks == []
@@ -194,15 +200,3 @@ def test_parameter_schema_is_flat_bounded_and_described() -> None:
     assert schema["properties"]["k"]["minimum"] == 1
     assert schema["properties"]["k"]["maximum"] == 1000
     assert schema["required"] == []
-
-
-def test_random_weights_are_said_in_the_run_log(tmp_path: Path, reuse_random_resnet: None) -> None:
-    """The terminal and the UI both read the run's log: it says the weights are random."""
-    state = image_search(
-        source="sample", weights="none", limit=60, out=str(tmp_path / "o"), return_state=True
-    )
-    assert state.is_completed(), state.message
-    logs = flow_run_logs(state.state_details.flow_run_id)
-    warned = [log for log in logs if "random weights" in log.message]
-    assert warned and warned[0].level >= 30  # a warning, not buried among INFO lines
-    assert "not meaningful image descriptors" in warned[0].message

@@ -173,6 +173,7 @@ def test_cuml_equals_float64_reference(tmp_path: Path) -> None:
     assert_matches_reference(dist, nids, ref_d, index, np.arange(2000), queries)
 
 
+@pytest.mark.slow
 def test_faiss_loads_after_sklearn_so_neither_starves() -> None:
     import subprocess
     import sys

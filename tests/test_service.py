@@ -10,15 +10,11 @@ import io
 import os
 import shutil
 import signal
-import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,94 +26,10 @@ from PIL import Image
 from service.app import Limits, create_app
 from service.engine import Engine
 from tasks.layout import INDEX_FEATURES as FEATURES
-from tests.test_query import (
-    SELF,
-    Built,
-    build_index,
-    describe,
-    shared_index,
-    stored_neighbours,
-    write_images,
-)
+from tests.indexes import SELF, Built, build_index, describe, stored_neighbours, write_images
+from tests.services import Service, copy_index, free_port, png, serve_command, start_service
 
-REPO = Path(__file__).resolve().parents[1]
 UPLOAD_LIMIT = 256 * 1024  # --max-upload-mb 0.25
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def serve_command(folder: Path, port: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "serve",
-        "--index",
-        str(folder),
-        "--port",
-        str(port),
-        *extra,
-    ]
-
-
-@dataclass
-class Service:
-    """A running ``image-search serve`` and the folder it serves."""
-
-    url: str
-    proc: subprocess.Popen[bytes]
-    folder: Path
-    log: Path
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, trust_env=False, timeout=60)
-
-
-def start_service(
-    folder: Path,
-    log: Path,
-    *extra: str,
-    timeout: float = 240,
-    env: dict[str, str] | None = None,
-) -> Service:
-    """Start the service on a free port and wait until /healthz answers."""
-    port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            serve_command(folder, port, *extra),
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
-    service = Service(f"http://127.0.0.1:{port}", proc, folder, log)
-    deadline = time.monotonic() + timeout
-    with service.client() as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"serve exited {proc.returncode}:\n{log.read_text()}")
-            try:
-                if client.get("/healthz").status_code == 200:
-                    return service
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"serve did not answer within {timeout} s:\n{log.read_text()}")
-
-
-def copy_index(src: Path, dest: Path) -> Path:
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".embeddings", ".staging"))
-    return dest
-
-
-@pytest.fixture(scope="session")
-def index(tmp_path_factory: pytest.TempPathFactory, random_resnet: Any) -> Built:
-    return shared_index(tmp_path_factory, random_resnet)
 
 
 @pytest.fixture(scope="session")
@@ -141,12 +53,6 @@ def service(tmp_path_factory: pytest.TempPathFactory, index: Built) -> Iterator[
 
 def upload(client: httpx.Client, data: bytes, name: str = "q.png", k: int = 5) -> httpx.Response:
     return client.post(f"/search?k={k}", files={"image": (name, data)})
-
-
-def png(width: int, height: int, colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), colour).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def bomb_png(side: int = 30_000) -> bytes:
@@ -413,13 +319,6 @@ def engine(index: Built, tmp_path: Path, random_forward: Any) -> Iterator[Engine
     running.start()
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="session")
-def random_forward(random_resnet: Any) -> Any:
-    from tasks.features.model import make_forward
-
-    return make_forward(random_resnet[0])
 
 
 def pixels_of(path: Path) -> np.ndarray:

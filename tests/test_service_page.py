@@ -13,9 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.test_query import SELF, Built
-from tests.test_service import Service, copy_index, start_service
-from tests.test_service import index as index  # the shared index fixture
+from tests.indexes import SELF, Built
+from tests.services import Service, copy_index, start_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

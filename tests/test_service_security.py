@@ -42,9 +42,8 @@ from service.security import (
 from tasks.errors import ImageSearchError
 from tasks.sources.http import AddressRefused
 from tests.http_server import MisbehavingServer
-from tests.test_query import Built, build_index, write_images
-from tests.test_service import copy_index, png, start_service
-from tests.test_service import index as index  # the shared index fixture
+from tests.indexes import Built, build_index, describe, write_images
+from tests.services import copy_index, png, start_service
 
 TOKEN = secrets.token_urlsafe(24)  # random: no secret-looking literal in the repository
 DIM = 2048
@@ -239,7 +238,6 @@ def test_search_by_url_is_off_beyond_loopback_unless_the_operator_allows_it(
 @pytest.fixture
 def own_index(tmp_path: Path, random_resnet: Any) -> Built:
     """A small index of its own: these tests replace its photos."""
-    from tests.test_query import describe
 
     write_images(tmp_path / "photos", 6)
     build_index(tmp_path / "photos", tmp_path / "out", random_resnet, serving=False)

@@ -321,6 +321,7 @@ def test_pure_functions_log_to_the_run_in_every_deployment() -> None:
         assert job_env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "tasks", name
 
 
+@pytest.mark.slow
 def test_extra_loggers_setting_sends_module_loggers_to_the_api() -> None:
     """What the deployments' value does in a fresh process: a module logger under `tasks.`
     reaches Prefect's API log handler, a logger outside the package does not."""

@@ -141,7 +141,7 @@ def test_an_output_folder_inside_the_source_is_left_out_of_its_listing(
 ) -> None:
     """The other nesting is allowed: ``--source ~/Pictures --out ~/Pictures/index``. The second
     run indexes the same photos, none of the first run's own pictures."""
-    from tests.test_query import write_images
+    from tests.indexes import write_images
 
     photos = tmp_path / "photos"
     written = write_images(photos, 8)

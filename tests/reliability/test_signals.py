@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.http_server import MisbehavingServer
+from tests.indexes import Built, write_images
 from tests.reliability.conftest import Proc, Runner, wait_until
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,9 @@ def api_servers(home: Path) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"flows.local_api" in argv and argv[argv.index(b"--home") + 1] == str(home).encode():
+        if b"flows.local_api" not in argv or b"--home" not in argv[:-1]:
+            continue  # not a local API server (or one of another layout)
+        if argv[argv.index(b"--home") + 1] == str(home).encode():
             found.append(int(entry.name))
     return found
 
@@ -279,7 +282,6 @@ def test_sigterm_while_catalog_reads_are_stuck_exits_143_at_once(
     """A list whose URLs trickle: the catalog's reader threads sit in reads that end only at
     their deadline, a minute away. SIGTERM still ends the run within seconds, after its
     clean-up (the flow run is recorded as ended): the stuck readers are not waited for."""
-    from tests.test_query import write_images
 
     photos = write_images(tmp_path / "photos", 4)
     listing = tmp_path / "list.csv"
@@ -307,13 +309,10 @@ def test_sigterm_while_catalog_reads_are_stuck_exits_143_at_once(
 def test_sigterm_while_a_query_reads_a_trickling_url_exits_143_at_once(
     trickling: MisbehavingServer,
     tmp_path: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-    random_resnet: object,
+    built: Built,
 ) -> None:
     from tests.reliability.conftest import REPO
-    from tests.test_query import shared_index
 
-    built = shared_index(tmp_path_factory, random_resnet)
     err_file = tmp_path / "query.err"
     with open(err_file, "wb") as err:
         popen = subprocess.Popen(
