@@ -84,20 +84,13 @@ def search_features(
     code: Sequence[str] = ("tasks.search",),
     exclude_self: bool = False,
 ) -> SearchRun:
-    """Run one backend over the feature files unless it already ran on the same inputs.
+    """Run one backend over the feature files unless it already ran on the same inputs (then
+    its library is not even imported).
 
     ``searcher``: how to search when the backend is not one of this process (its answer must
     not depend on where it runs: the key holds the backend's name and ``code``, not its place).
     ``exclude_self``: the queries are index images; each is left out of its own answer.
     """
-    if searcher is None:
-        backend = make_backend(backend_name)
-        reason = backend.unavailable_reason()
-        if reason is not None:
-            return SearchRun(
-                backend=backend.name, device=backend.device, available=False, reason=reason
-            )
-        searcher = partial(run_backend, backend)
     layout = knn_stage(backend_name)
     (rel,) = layout.outputs
     stage = run.stage(
@@ -109,6 +102,14 @@ def search_features(
     if done is not None:
         result = SearchRun.model_validate(done["run"])
     else:
+        if searcher is None:  # asked only now: asking imports the backend's library (seconds)
+            backend = make_backend(backend_name)
+            reason = backend.unavailable_reason()
+            if reason is not None:
+                return SearchRun(
+                    backend=backend.name, device=backend.device, available=False, reason=reason
+                )
+            searcher = partial(run_backend, backend)
         dest = stage.path(rel)
         result = searcher(features.index.path, features.query.path, k + exclude_self, dest)
         update: dict[str, object] = {"path": rel}
