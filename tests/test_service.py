@@ -456,3 +456,33 @@ def test_the_service_says_damaged_or_being_written_without_server_paths(
         "out ", "--out "
     )
     assert str(engine.folder) not in str(health)
+
+
+def test_the_served_socket_turns_nagle_off_on_every_connection() -> None:
+    """The socket ``serve`` listens on names TCP as its protocol, so asyncio (uvicorn's loop)
+    sets TCP_NODELAY on each connection it accepts: an answer written in two parts does not
+    wait for the client's delayed ACK on a kept-alive connection."""
+    import socket
+
+    from service.server import bind
+
+    listener = bind("127.0.0.1", 0)
+    seen: list[int] = []
+
+    async def scenario() -> None:
+        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=listener)
+        async with server:
+            _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+            for _ in range(100):
+                if seen:
+                    break
+                await asyncio.sleep(0.01)
+            writer.close()
+
+    asyncio.run(scenario())
+    assert seen == [1]
