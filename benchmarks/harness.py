@@ -34,6 +34,16 @@ from tasks.hardware import cpu_count
 
 CaseFn = Callable[[bool], dict[str, Any]]
 
+# The environment of every command a benchmark starts: no usage reports, HTTP(S) off this
+# machine to a dead local proxy.
+SEALED = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "NO_PROXY": "127.0.0.1,localhost",
+}
+
 
 class Skip(Exception):
     """This case (or backend) cannot run here; the message says why."""

@@ -32,15 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import harness
+
 REPO = Path(__file__).resolve().parents[1]
-SEALED = {
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "HTTPS_PROXY": "http://127.0.0.1:9",
-    "HTTP_PROXY": "http://127.0.0.1:9",
-    "NO_PROXY": "127.0.0.1,localhost",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-}
+SEALED = {**harness.SEALED, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 def write_image(path: Path, side: int, seed: int) -> Path:

@@ -44,14 +44,10 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import harness
+
 REPO = Path(__file__).resolve().parents[1]
-SEALED = {
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "HTTPS_PROXY": "http://127.0.0.1:9",
-    "HTTP_PROXY": "http://127.0.0.1:9",
-    "NO_PROXY": "127.0.0.1,localhost",
-}
+SEALED = harness.SEALED
 CASES = ("help", "query", "serve", "rerun", "fresh", "engines")
 
 

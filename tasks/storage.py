@@ -184,18 +184,25 @@ def read_record(folder: Path, stage: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def recorded_output(folder: Path, rel: str, stage: str) -> dict[str, Any] | None:
+    """What stage ``stage``'s record in ``folder`` says of its output ``rel`` (size, mtime_ns,
+    sha256), or None without such a record."""
+    record = read_record(folder, stage)
+    try:
+        seen = record["outputs"][rel] if record else None
+    except (KeyError, TypeError):
+        return None
+    return seen if isinstance(seen, dict) else None
+
+
 def unsettled(folder: Path, files: Mapping[str, str]) -> str | None:
     """Why files ``files`` (path relative to ``folder`` -> the stage that wrote it) are not the
     ones their stage records describe (a commit under way), or None when they are, or when no
     record exists (a folder assembled by hand). Compares size and mtime only: cheap enough to
     ask before every read of an index."""
     for rel, stage in files.items():
-        record = read_record(folder, stage)
-        try:
-            seen = record["outputs"][rel] if record else None
-        except (KeyError, TypeError):
-            seen = None
-        if not isinstance(seen, dict):
+        seen = recorded_output(folder, rel, stage)
+        if seen is None:
             continue
         try:
             st = os.stat(folder / rel)

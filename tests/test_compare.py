@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import duckdb
@@ -149,7 +150,9 @@ def test_relative_deviation_of_an_exact_duplicate_is_finite(tmp_path: Path) -> N
 
 
 def write_exact(
-    folder: Path, index: dict[int, list[float]], queries: dict[int, list[float]]
+    folder: Path,
+    index: Mapping[int, Sequence[float] | np.ndarray],
+    queries: Mapping[int, Sequence[float] | np.ndarray],
 ) -> ExactReference:
     """Feature files of ``index`` and ``queries`` (id -> vector), and their exact reference."""
     for name, rows in (("index", index), ("query", queries)):
@@ -238,11 +241,7 @@ def test_float32_answers_to_near_ties_pass(tmp_path: Path) -> None:
         for j, dist in enumerate([20.0, 40.0, FAR, FAR + gap]):
             direction = rng.normal(size=DIM)
             index[4 * i + j] = (q + dist * direction / np.linalg.norm(direction)).astype(np.float32)
-    exact = write_exact(
-        tmp_path,
-        {k: v.tolist() for k, v in index.items()},
-        {k: v.tolist() for k, v in queries.items()},
-    )
+    exact = write_exact(tmp_path, index, queries)
     x = np.stack(list(index.values()))
     qs = np.stack(list(queries.values()))
     qids, xids = np.array(list(queries)), np.array(list(index))
@@ -254,7 +253,8 @@ def test_float32_answers_to_near_ties_pass(tmp_path: Path) -> None:
     got_pos = np.argsort(sq32, axis=1, kind="stable")[:, :3]
     got_i = xids[got_pos]
     got_d = np.sqrt(np.maximum(np.take_along_axis(sq32, got_pos, 1), 0)).astype(np.float32)
-    true = np.sqrt(((qs[:, None, :].astype(np.float64) - x[None].astype(np.float64)) ** 2).sum(-1))
+    x64 = x.astype(np.float64)
+    true = np.stack([np.sqrt(((x64 - q) ** 2).sum(1)) for q in qs.astype(np.float64)])
     ref_pos = np.argsort(true, axis=1, kind="stable")[:, :3]
     ref_i = xids[ref_pos]
     ref_d = np.take_along_axis(true, ref_pos, 1).astype(np.float32)

@@ -219,6 +219,7 @@ def test_weights_path_missing_or_wrong_architecture(tmp_path: Path) -> None:
         build_model(str(path))
 
 
+@pytest.mark.slow
 def test_weights_file_round_trip(tmp_path: Path, forward: Any, random_resnet: Any) -> None:
     model, _ = random_resnet
     path = tmp_path / "resnet.weights.h5"
@@ -229,6 +230,7 @@ def test_weights_file_round_trip(tmp_path: Path, forward: Any, random_resnet: An
     np.testing.assert_allclose(make_forward(loaded)(images), forward(images), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_is_opt_in_close_to_float32_and_restores_policy(
     forward: Callable[[np.ndarray], np.ndarray],
 ) -> None:
@@ -284,6 +286,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
     assert int(grew) < 300, f"peak memory grew by {grew} MiB"
 
 
+@pytest.mark.slow
 def test_random_weights_are_a_pure_function_of_the_seed(random_resnet: Any) -> None:
     a, _ = random_resnet  # built with seed 0 earlier in this process
     b, _ = build_model("none", seed=0)

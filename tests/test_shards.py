@@ -44,9 +44,10 @@ def search_features_sharded(
 def stable_reference(index: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """All float64 distances (n_queries, n_index) from difference vectors."""
     out = np.empty((len(queries), len(index)))
+    index64 = index.astype(np.float64)
     for i, q in enumerate(queries.astype(np.float64)):
-        diff = index.astype(np.float64) - q
-        out[i] = np.sqrt((diff * diff).sum(axis=1))
+        diff = index64 - q
+        out[i] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
     return out
 
 

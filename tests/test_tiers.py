@@ -382,6 +382,7 @@ def commit_into(src: Path, dest: Path) -> None:
         os.replace(record, dest / ".state" / record.name)
 
 
+@pytest.mark.slow
 def test_the_service_swaps_an_index_with_its_approximate_index_as_one_set(
     tiered: Tiered, tmp_path: Path, random_resnet: Any, forward: Any
 ) -> None:

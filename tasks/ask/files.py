@@ -46,7 +46,7 @@ from tasks.layout import (
     record_of,
 )
 from tasks.search.exact import PreparedIndex
-from tasks.storage import atomic_path, read_record
+from tasks.storage import atomic_path, read_record, recorded_output
 
 log = logging.getLogger(__name__)
 
@@ -292,12 +292,8 @@ def damage(folder: Path, rel: str, stage: str) -> str | None:
     """How file ``rel`` of ``folder`` differs from what ``stage`` recorded: missing, another
     size, or other bytes (the SHA-256 is read only when the size matches and the time does
     not); None when it matches, or only lost its recorded time (a copied folder)."""
-    record = read_record(folder, stage)
-    try:
-        seen = record["outputs"][rel] if record else None
-    except (KeyError, TypeError):
-        seen = None
-    if not isinstance(seen, dict):
+    seen = recorded_output(folder, rel, stage)
+    if seen is None:
         return None
     try:
         st = os.stat(folder / rel)
