@@ -25,7 +25,6 @@ Writes ``million.json`` and ``million.md`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -111,8 +110,8 @@ def write_index(folder: Path, n: int, data: ResnetLike, input_size: int = 96) ->
     rows point at 16 generated images (written in place, as a folder assembled by hand), and
     nothing derived yet. Returns ``folder``."""
     import pyarrow as pa
-    from PIL import Image
 
+    from benchmarks.startup import catalog_images
     from tasks.catalog import CATALOG_SCHEMA, write_catalog
     from tasks.features import store
     from tasks.features.model import ModelInfo
@@ -121,14 +120,7 @@ def write_index(folder: Path, n: int, data: ResnetLike, input_size: int = 96) ->
     from tasks.types import ModelSpec
 
     images = folder / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    files, digests = [], []
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        path = images / f"img{i:02d}.png"
-        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(path)
-        files.append(str(path))
-        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    files, digests = catalog_images(images, np.random.default_rng(0))
     key = ModelSpec("none", 0, "float32", input_size).key()
     meta = {
         **ModelInfo("none", "random initialisation", 0).metadata(input_size),

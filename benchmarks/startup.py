@@ -83,12 +83,26 @@ def model_key(code: Path, input_size: int) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def catalog_images(images: Path, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """16 generated 96-px PNGs in ``images`` (created), drawn from ``rng``, for a synthetic
+    index's catalog rows to point at: their paths and SHA-256 digests."""
+    from PIL import Image
+
+    images.mkdir(parents=True, exist_ok=True)
+    files, digests = [], []
+    for i in range(16):
+        path = images / f"img{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(path)
+        files.append(str(path))
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    return files, digests
+
+
 def write_index(folder: Path, n: int, input_size: int, key: str, *, for_queries: bool) -> Path:
     """An index of ``n`` random ReLU features (model key ``key``) and a catalog of 16 generated
     images; ``for_queries``: with the stage records, the memory-mapped copy and the exported
     model a run of this code writes."""
     import pyarrow as pa
-    from PIL import Image
 
     from tasks.catalog import CATALOG_SCHEMA, write_catalog
     from tasks.features import store
@@ -99,14 +113,8 @@ def write_index(folder: Path, n: int, input_size: int, key: str, *, for_queries:
     from tasks.types import DataRef, Features, ModelSpec
 
     images = folder / "images"
-    images.mkdir(parents=True)
-    files, digests = [], []
     rng = np.random.default_rng(0)
-    for i in range(16):
-        path = images / f"img{i:02d}.png"
-        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(path)
-        files.append(str(path))
-        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    files, digests = catalog_images(images, rng)
     meta = {
         **ModelInfo("none", "random initialisation", 0).metadata(input_size),
         "model_key": key,

@@ -13,7 +13,6 @@ which is then read only for each query's candidates and by the exact fallback.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import struct
@@ -24,10 +23,9 @@ from typing import Any
 import numpy as np
 
 from tasks.ask.files import MatrixFile, write_at
-from tasks.hardware import cpu_count, cpu_features
+from tasks.hardware import cpu_features
 from tasks.search.certified import CertifiedIndex, FormatChoice
-from tasks.search.certified.bound import Bound
-from tasks.search.certified.engines import Engine, MatmulEngine, OrtInt8Engine, engine_name
+from tasks.search.certified.engines import Engine, OrtInt8Engine, session_options
 from tasks.search.certified.formats import (
     INT8_MAX,
     INT8_MAX_DIM,
@@ -35,8 +33,8 @@ from tasks.search.certified.formats import (
     ReducedIndex,
     dequantize,
     reduce_rows,
-    round_up,
 )
+from tasks.search.certified.index import assemble as certified_index
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +154,7 @@ class PackedInt8Engine(Engine):
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])
         model.ir_version = 8
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = cpu_count()
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts = session_options()
         opts.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(values.parent)
         )
@@ -190,49 +185,10 @@ def assemble(
     data: np.ndarray, reduced: ReducedIndex, engine: Engine, reason: str
 ) -> CertifiedIndex:
     """A CertifiedIndex over the float32 rows ``data`` (n, d) from their reduced terms, as
-    :func:`tasks.search.certified.prepare_certified` makes it from the rows themselves (the
-    terms rounded up, the bound's per-row ``g``, the float32 index of the exact path); a test
+    :func:`tasks.search.certified.prepare_certified` makes it from the rows themselves; a test
     holds the two equal field by field."""
-    n = data.shape[0]
-    main = _assembled(data, FORMAT, engine, reduced, n * data.shape[1], reason)
-    exact = ReducedIndex(
-        data,
-        np.ones(n, np.float32),
-        np.zeros(n, np.float64),
-        reduced.data_sq,
-        reduced.data_sq,
-        0,
-    )
-    f32 = MatmulEngine(np, data.T, engine_name(np, "float32"))
-    fallback = _assembled(data, "float32", f32, exact, 0, "exact path")
-    return dataclasses.replace(main, fallback_index=fallback)
-
-
-def _assembled(
-    data: np.ndarray, fmt: str, engine: Engine, reduced: ReducedIndex, nbytes: int, reason: str
-) -> CertifiedIndex:
-    dim = int(data.shape[1])
-    bound = Bound.of(fmt, dim)
-    err = round_up(reduced.err, dim)
-    reduced_sq = round_up(reduced.reduced_sq, dim)
-    g = round_up(err * err / 2 + (bound.alpha + bound.beta / 2) * reduced_sq, dim)
-    cpu = cpu_features().summary() if fmt != "float32" else {}
-    return CertifiedIndex(
-        xp=np,
-        data=data,
-        choice=FormatChoice(fmt, engine.name, reason, {}, cpu),
-        engine=engine,
-        scale=reduced.scale,
-        half_sq=(reduced_sq / 2).astype(np.float32),
-        err=err,
-        g=g,
-        data_sq=reduced.data_sq,
-        err_max=float(err.max()),
-        g_max=float(g.max()),
-        reduced_norm_max=float(np.sqrt(reduced_sq.max())),
-        bound=bound,
-        reduced_nbytes=nbytes,
-    )
+    choice = FormatChoice(FORMAT, engine.name, reason, {}, cpu_features().summary())
+    return certified_index(np, data, choice, engine, reduced, data.shape[0] * data.shape[1])
 
 
 def open_compact(values: Path, rows: Path, data: np.ndarray, zero_point: int) -> CertifiedIndex:

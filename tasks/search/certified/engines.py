@@ -56,6 +56,19 @@ class ExactInt8Engine(Engine):
             out[:, s : s + 8192] = xp.matmul(q, part.T)
 
 
+def session_options() -> Any:
+    """onnxruntime options of the int8 product: every core in one operator, and idle workers
+    that sleep instead of spinning (spinning burns CPU time the rest of the search, and
+    anything else on the machine, could use)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = cpu_count()
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
 class OrtInt8Engine(Engine):
     """onnxruntime's ``MatMulInteger`` (MLAS: VNNI/AMX where present, AVX2 ``vpmaddubsw``
     otherwise), uint8 queries x int8 index -> int32, written straight into the scratch."""
@@ -79,14 +92,8 @@ class OrtInt8Engine(Engine):
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])
         model.ir_version = 8
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = cpu_count()
-        opts.inter_op_num_threads = 1
-        # Idle workers sleep instead of spinning: spinning burns CPU time the rest of the
-        # search (and anything else on the machine) could use.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
-            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+            model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
         )
         self.values_t = values_t  # (d, n) int8, C-contiguous: bound as an input, never copied
         self.zero_point = np.array(zero_point, dtype=np.int8)  # -127: levels 0..254 stored

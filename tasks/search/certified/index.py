@@ -117,6 +117,15 @@ def _prepare(xp: Any, data: Any, choice: FormatChoice) -> CertifiedIndex:
     """The index in ``choice``'s format, with the float32 index over the same rows (the exact
     path) built from the same pass over ``data``."""
     engine, reduced, nbytes = build_engine(xp, data, choice.fmt)
+    return assemble(xp, data, choice, engine, reduced, nbytes)
+
+
+def assemble(
+    xp: Any, data: Any, choice: FormatChoice, engine: Engine, reduced: ReducedIndex, nbytes: int
+) -> CertifiedIndex:
+    """The index over rows ``data`` (n, d) from their reduced terms and the engine that
+    multiplies by them, with the float32 index of the exact path over the same rows; also how
+    a stored reduced copy (the query core's int8 file) becomes an index."""
     prepared = _assemble(xp, data, choice, engine, reduced, nbytes)
     fallback = prepared
     if choice.fmt != "float32":
