@@ -333,7 +333,18 @@ class LocalApi:
         server stopped) if it exits or takes longer than the start-up budget."""
         deadline = self._started + self.timeout
         retries = 3
+        adoptions = 3
         while True:  # look at least once, however long the caller took to get here
+            if self.process is None and not _alive(self._adopted) and adoptions > 0:
+                # The server adopted here is gone before it answered (one that stopped itself,
+                # idle, just as this command found it): find or start one as at first.
+                adoptions -= 1
+                self._adopted = 0
+                found = self.find_or_start()
+                if found is not None:
+                    return found
+                deadline = self._started + self.timeout
+                continue
             code = self.process.poll() if self.process is not None else None
             if code == _PORT_TAKEN and retries > 0:
                 retries -= 1
@@ -345,7 +356,7 @@ class LocalApi:
                     f"{self._log_tail()}\nSet {API_URL_SETTING} to a running Prefect server "
                     f"to run without it."
                 )
-            if self.process is None and not _alive(getattr(self, "_adopted", 0)):
+            if self.process is None and not _alive(self._adopted):
                 raise PrefectApiError(
                     f"The local Prefect API stopped while starting:\n{self._log_tail()}"
                 )

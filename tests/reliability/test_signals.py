@@ -348,3 +348,29 @@ def test_sigterm_while_a_query_reads_a_trickling_url_exits_143_at_once(
     assert rc == 143, text
     assert text.rstrip().endswith("image-search: error: terminated.") and "Traceback" not in text
     assert elapsed < 30, f"took {elapsed:.1f} s"
+
+
+@pytest.mark.slow
+def test_an_adopted_api_that_stops_before_it_answers_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command finds another's server still starting and waits for it; that server goes (an
+    idle one stopping itself just then). The command starts its own instead of failing."""
+    from flows.local_api import STATE_FILE, LocalApi
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    going = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    state = {"pid": going.pid, "url": "http://127.0.0.1:9/api", "idle_minutes": 1}
+    (home / STATE_FILE).write_text(json.dumps(state))
+    api = LocalApi(home, timeout=240, idle=1)
+    assert api.find_or_start() is None  # adopted: alive, not answering
+    going.wait()
+    try:
+        server = api.wait_ready()
+        assert server.started_here and server.pid != going.pid
+        assert api_servers(home) == [server.pid]
+    finally:
+        api.stop_started()
+    wait_until(lambda: api_servers(home) == [], "the replacement server to stop", timeout=60)
