@@ -239,13 +239,22 @@ def test_every_image_of_a_collection_finds_itself_first(
 
 
 def test_one_class_folder_gives_no_quality_and_the_report_says_why(
-    tmp_path: Path, reuse_random_resnet: None
+    tmp_path: Path, reuse_random_resnet: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     images, labels = class_images(12, 1, size=64, seed=3)
     folder = tmp_path / "only"
     write_images(folder, images, labels)
+    (folder / "class0" / "logo.svg").write_text("<svg/>")
     out = tmp_path / "out"
-    outputs = run(folder, out)
+    with caplog.at_level("INFO", logger="tasks.sources.collection"):
+        outputs = run(folder, out)
+    # The run says once what its listing saw, though its catalog task lists the folder again.
+    said = [r.getMessage() for r in caplog.records if r.name == "tasks.sources.collection"]
+    assert said == [
+        f"{folder}: folder names are not used as labels: there is one class folder ('class0'); "
+        "labels need two or more",
+        f"{folder}: 12 images; passed over 1 .svg",
+    ]
     assert "quality" not in outputs and not (out / "quality.json").exists()
     page = (out / "report.html").read_text()
     assert "No retrieval quality" in page and "quality needs" in page

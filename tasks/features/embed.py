@@ -42,7 +42,7 @@ from tasks.features.model import (
 )
 from tasks.layout import CATALOG, CATALOG_FILE, EMBED, ERRORS_FILE, INDEX_FEATURES, QUERY_FEATURES
 from tasks.report import artifact_key
-from tasks.sources.collection import Collection, FolderCollection, Item, reopen
+from tasks.sources.collection import Collection, FolderCollection, Item, reopen, said_already
 from tasks.split import read_split
 from tasks.storage import RunFolder
 from tasks.types import CatalogRef, DataRef, Features, ModelSpec, SplitRef
@@ -300,8 +300,10 @@ def catalog(
 def catalog_task(
     described: dict[str, Any], skip: list[str], out: str, spec: ModelSpec, batch_size: int
 ) -> CatalogRef:
-    """Prefect task: the catalog pass in this process."""
-    return catalog_pass(reopen(described, skip), out, spec, batch_size, embed_in_process)
+    """Prefect task: the catalog pass in this process. The flow listed the source just before
+    and logged what it saw; this second listing (from the description) says nothing again."""
+    with said_already():
+        return catalog_pass(reopen(described, skip), out, spec, batch_size, embed_in_process)
 
 
 def catalog_pass(

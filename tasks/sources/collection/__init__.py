@@ -32,6 +32,7 @@ from tasks.sources.collection.base import (
     Request,
     is_image_name,
     read_uri,
+    said_already,
 )
 from tasks.sources.collection.folder import FOLDER, FolderCollection
 from tasks.sources.collection.imagelist import LIST, ListCollection
@@ -62,6 +63,7 @@ __all__ = [
     "open_source",
     "read_uri",
     "reopen",
+    "said_already",
 ]
 
 KINDS: tuple[Kind, ...] = (STL10, FOLDER, LIST, ARCHIVE)

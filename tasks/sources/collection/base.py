@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Protocol
@@ -32,6 +34,25 @@ SEP = "::"
 MAX_IMAGE_BYTES = 256 * 2**20  # one image file larger than this is refused, not read
 URL_READ_TIMEOUT_S = 30.0  # the longest wait for the next bytes of one image from a URL
 URL_DEADLINE_S = 60.0  # the longest one image from a URL may take, redirects included
+
+_SAID: ContextVar[bool] = ContextVar("listing_said", default=False)
+
+
+def say(message: str, *args: object) -> None:
+    """Log what a listing saw, unless it was said already (:func:`said_already`)."""
+    if not _SAID.get():
+        log.info(message, *args)
+
+
+@contextmanager
+def said_already() -> Iterator[None]:
+    """Within, listings log nothing: the run listed this source moments before and said what
+    it saw; its catalog task lists it again from the description it was handed."""
+    token = _SAID.set(True)
+    try:
+        yield
+    finally:
+        _SAID.reset(token)
 
 
 @dataclass(frozen=True)
@@ -138,7 +159,7 @@ def folder_labels(rels: list[str], source: str) -> list[str | None]:
         shown = ", ".join(repr(c) for c in single[:5]) + (" ..." if len(single) > 5 else "")
         why = f"{len(single)} class folder(s) hold a single image ({shown}); each needs two"
     if why is not None:
-        log.info("%s: folder names are not used as labels: %s", source, why)
+        say("%s: folder names are not used as labels: %s", source, why)
         return [None] * len(parts)
     return [p[0] for p in parts]
 
@@ -174,10 +195,10 @@ class Collection(ABC):
         if self._listing is None:
             self._listing = self.survey()
             if self._listing.skipped:
-                log.info(
-                    "%s: %d images; passed over %s",
+                say(
+                    "%s: %s images; passed over %s",
                     self.source,
-                    len(self._listing.items),
+                    f"{len(self._listing.items):,}",
                     describe_counts(self._listing.skipped),
                 )
         return self._listing

@@ -17,9 +17,9 @@ from tasks.sources.collection.base import (
     Request,
     folder_labels,
     local_version,
-    log,
     read_from,
     read_local,
+    say,
     skip_kind,
 )
 from tasks.sources.located import OBJECT_STORES, Located
@@ -141,7 +141,7 @@ class FolderCollection(Collection):
                 else:
                     skipped["broken link" if entry.is_symlink() else "not a file"] += 1
         if links_out:
-            log.info("%s: followed %d links to folders outside it", self.source, links_out)
+            say("%s: followed %d links to folders outside it", self.source, links_out)
         found.sort(key=lambda i: i.uri)
         return Listing(found, dict(skipped), folders, files)
 
