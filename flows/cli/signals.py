@@ -7,7 +7,9 @@ unless ``--traceback``.
 A stopped command leaves within a second or two of its clean-up, even while a thread is stuck in
 a slow read (an image URL that trickles): thread pools shut down by the stop cancel their queued
 work instead of waiting for their workers, and the process then ends without joining threads
-that are still reading (:func:`exit_status`).
+that are still reading (:func:`exit_status`). Whatever else holds it (a library that swallows
+the interrupt, an exit handler waiting on a server), it ends :data:`STOP_DEADLINE_S` after the
+signal, as Kubernetes ends a pod after its grace period.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -37,6 +39,7 @@ PROG = "image-search"
 
 
 EXIT_GRACE_S = 0.5  # how long a stopped command waits for its other threads to end
+STOP_DEADLINE_S = 20.0  # the longest a stopped command may take over its clean-up
 
 
 class Terminated(BaseException):
@@ -50,11 +53,13 @@ STOPPING = threading.Event()
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     STOPPING.set()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough; clean up undisturbed
+    _arm_deadline(EXIT_TERMINATED, lambda stops: stops.terminated())
     raise Terminated
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     STOPPING.set()
+    _arm_deadline(EXIT_INTERRUPTED, lambda stops: stops.interrupted())
     raise KeyboardInterrupt
 
 
@@ -153,6 +158,41 @@ def stopped_as_errors(hint: str = "") -> Stops:
     )
 
 
+@dataclass
+class _Leaving:
+    """The command that is the process (``exit_status(leave=True)``): what it says when
+    stopped, and whether it has said it."""
+
+    stops: Stops | None = None
+    said: threading.Event = field(default_factory=threading.Event)
+    armed: bool = False
+
+
+_LEAVING = _Leaving()
+
+
+def _arm_deadline(status: int, say: Callable[[Stops], None]) -> None:
+    """End the process :data:`STOP_DEADLINE_S` after the first stop, whatever holds it; only
+    when the command is the process."""
+    if _LEAVING.stops is None or _LEAVING.armed:
+        return
+    _LEAVING.armed = True
+    stops = _LEAVING.stops
+
+    def expire() -> None:
+        if not _LEAVING.said.is_set():
+            say(stops)
+        note(f"its clean-up took over {STOP_DEADLINE_S:g} s; stopped without the rest of it.")
+        for stream in (sys.stdout, sys.stderr):
+            with suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(status)
+
+    timer = threading.Timer(STOP_DEADLINE_S, expire)
+    timer.daemon = True
+    timer.start()
+
+
 def exit_status(
     body: Callable[[], int], *, traceback: bool, stops: Stops, leave: bool = False
 ) -> int:
@@ -162,6 +202,8 @@ def exit_status(
     unexpected one line and 1 (its traceback with ``--traceback``). With ``leave`` (the command
     is the process), a stopped command ends the process at once: :func:`leave_after_stop`.
     """
+    if leave:
+        _LEAVING.stops = stops
     try:
         with stop_on_sigterm(), pools_let_go_when_stopped():
             return body()
@@ -170,11 +212,13 @@ def exit_status(
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         stops.interrupted()
+        _LEAVING.said.set()
         if leave:
             leave_after_stop(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except Terminated:
         stops.terminated()
+        _LEAVING.said.set()
         if leave:
             leave_after_stop(EXIT_TERMINATED)
         return EXIT_TERMINATED

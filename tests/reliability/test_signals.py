@@ -374,3 +374,55 @@ def test_an_adopted_api_that_stops_before_it_answers_is_replaced(
     finally:
         api.stop_started()
     wait_until(lambda: api_servers(home) == [], "the replacement server to stop", timeout=60)
+
+
+# A command whose stop is swallowed (as a library may catch KeyboardInterrupt) or whose exit
+# handlers hang: it still ends, at its deadline, with its status and its words.
+HELD = """
+import sys, time, atexit
+from flows.cli import signals
+signals.STOP_DEADLINE_S = 1.0
+where = sys.argv[1]
+if where == "exit":
+    atexit.register(time.sleep, 600)
+def body():
+    print("ready", flush=True)
+    while True:
+        try:
+            time.sleep(600)
+        except KeyboardInterrupt:
+            if where == "exit":
+                raise
+stops = signals.stopped_as_errors("run it again")
+sys.exit(signals.exit_status(body, traceback=False, stops=stops, leave=True))
+"""
+
+
+@pytest.mark.parametrize(("where", "sig"), [("body", signal.SIGINT), ("exit", signal.SIGTERM)])
+def test_a_stop_held_up_by_its_clean_up_ends_at_its_deadline(
+    tmp_path: Path, where: str, sig: signal.Signals
+) -> None:
+    from tests.reliability.conftest import REPO
+
+    popen = subprocess.Popen(
+        [sys.executable, "-c", HELD, where],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert popen.stdout is not None and popen.stdout.readline() == "ready\n"
+        started = time.monotonic()
+        popen.send_signal(sig)
+        rc = popen.wait(timeout=60)
+        elapsed = time.monotonic() - started
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+    err = popen.stderr.read() if popen.stderr else ""
+    word, status = ("interrupted", 130) if sig == signal.SIGINT else ("terminated", 143)
+    assert rc == status, err
+    assert err.count(f"image-search: error: {word}; run it again.") == 1, err
+    assert "its clean-up took over 1 s; stopped without the rest of it." in err
+    assert 1 <= elapsed < 30, f"took {elapsed:.1f} s"
