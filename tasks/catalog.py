@@ -285,8 +285,15 @@ def build_catalog(
     rows = [None] * len(items)
     errors: list[tuple[int, str, str]] = []
     todo: list[int] = []
+    older = 0  # versions an earlier image-search wrote as size:mtime, extended since
     for i, item in enumerate(items):
         p = prev_rows.get(item.uri)
+        if (
+            previous is not None
+            and p is not None
+            and item.version.startswith(previous.version[p] + ":")
+        ):
+            older += 1
         if (
             p is not None
             and previous is not None
@@ -300,6 +307,13 @@ def build_catalog(
         else:
             todo.append(i)
 
+    if older:
+        log.info(
+            "%s images were catalogued by an earlier version of image-search, by size and "
+            "mtime only: reading them once more to record their inode and ctime too (what the "
+            "store holds is not embedded again)",
+            f"{older:,}",
+        )
     outcomes, stats.embedded = process([items[i] for i in todo])
     stats.read = len(todo)
     for i, outcome in zip(todo, outcomes, strict=True):

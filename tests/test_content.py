@@ -71,18 +71,29 @@ def test_altered_floats_that_still_parse_are_never_published(
     assert "do not match their checksum" in caplog.text
 
 
-def test_a_part_without_a_checksum_is_recomputed(tmp_path: Path) -> None:
+def test_parts_of_an_earlier_version_without_a_checksum_are_recomputed_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import pyarrow as pa
 
     from tasks.features.content import SCHEMA
 
     store = EmbeddingStore(tmp_path, "k")
-    part = store.append([digest(1)], rows(range(1, 2)))
-    table = pa.ipc.open_file(pa.BufferReader(part.read_bytes())).read_all()
-    table = table.replace_schema_metadata(None)
-    with pa.OSFile(str(part), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
-        writer.write_table(table)
-    assert digest(1) not in EmbeddingStore(tmp_path, "k")
+    kept = store.append([digest(0)], rows(range(0, 1)))
+    for i in (1, 2):
+        part = store.append([digest(i)], rows(range(i, i + 1)))
+        table = pa.ipc.open_file(pa.BufferReader(part.read_bytes())).read_all()
+        table = table.replace_schema_metadata(None)  # as an earlier version wrote it
+        with pa.OSFile(str(part), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+            writer.write_table(table)
+    fresh = EmbeddingStore(tmp_path, "k")
+    assert digest(0) in fresh and digest(1) not in fresh and digest(2) not in fresh
+    assert fresh.parts() == [kept]
+    said = [r.getMessage() for r in caplog.records if r.name == "tasks.features.content"]
+    assert said == [
+        f"2 embedding part(s) in {store.folder} were written by an earlier version of "
+        "image-search, without a checksum; their images are embedded again, once"
+    ]
 
 
 def test_compaction_only_when_dead_rows_outnumber_live_ones(tmp_path: Path) -> None:

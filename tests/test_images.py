@@ -263,7 +263,10 @@ def test_a_change_that_keeps_size_and_mtime_is_still_seen(tmp_path: Path, how: s
 
 @pytest.mark.slow
 def test_new_version_strings_reread_once_and_embed_nothing(
-    tmp_path: Path, reuse_random_resnet: None, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    reuse_random_resnet: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A catalog whose versions were size:mtime (before inode and ctime were part of them) is
     read again once, and not one image is embedded again: the store is keyed by content."""
@@ -283,10 +286,24 @@ def test_new_version_strings_reread_once_and_embed_nothing(
         )
     assert first.stats["embedded"] == 6
     run.commit(["catalog"])
-    again = catalog_collection(
-        open_collection(str(tmp_path / "photos")), run, spec, batch_size=8, progress=False
-    )
+    with caplog.at_level("INFO", logger="tasks.catalog"):
+        again = catalog_collection(
+            open_collection(str(tmp_path / "photos")), run, spec, batch_size=8, progress=False
+        )
     assert (again.stats["read"], again.stats["embedded"], again.stats["unchanged"]) == (6, 0, 0)
+    said = [r.getMessage() for r in caplog.records if r.name == "tasks.catalog"]
+    assert said == [
+        "6 images were catalogued by an earlier version of image-search, by size and mtime "
+        "only: reading them once more to record their inode and ctime too (what the store "
+        "holds is not embedded again)"
+    ]
+    run.commit(["catalog"])
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tasks.catalog"):
+        catalog_collection(
+            open_collection(str(tmp_path / "photos")), run, spec, batch_size=8, progress=False
+        )
+    assert not [r for r in caplog.records if r.name == "tasks.catalog"]  # said once
 
 
 def test_tar_and_zip_archives(tmp_path: Path) -> None:

@@ -53,6 +53,10 @@ def model_key(weights_identity: str, seed: int, precision: str, input_size: int)
     return fingerprint(weights_identity, seed, precision, input_size, code)[:16]
 
 
+class _Unchecked(Exception):
+    """A part written before parts carried a checksum."""
+
+
 class EmbeddingStore:
     """The embeddings of one model identity, keyed by content hash (32-byte SHA-256 digests)."""
 
@@ -61,6 +65,7 @@ class EmbeddingStore:
         self.folder = out / EMBEDDINGS_DIR / key
         self.key = key
         self._index: dict[bytes, tuple[int, int]] | None = None
+        self._unchecked = 0  # parts of an earlier version, without a checksum, dropped
         self._views: list[np.ndarray] = []  # (rows, 2048) float32 views of memory-mapped parts
 
     def parts(self) -> list[Path]:
@@ -90,10 +95,16 @@ class EmbeddingStore:
             digests, values = _arrays(table)
             recorded = (table.schema.metadata or {}).get(CHECKSUM_KEY, b"").decode()
             if not recorded:
-                raise pa.ArrowInvalid("it carries no checksum")
+                raise _Unchecked
             if _rows_checksum(digests, values) != recorded:
                 raise pa.ArrowInvalid("its rows do not match their checksum")
             return table, values
+        except _Unchecked:
+            # Written by an earlier version, before parts carried a checksum: its rows cannot
+            # be trusted either; :meth:`load` says so once for all of them.
+            path.unlink(missing_ok=True)
+            self._unchecked += 1
+            return None
         except (OSError, pa.ArrowInvalid, UnicodeDecodeError) as exc:
             # Parts appear atomically, so this is outside damage to our own cache file: drop
             # it and let the run embed those images again.
@@ -105,10 +116,18 @@ class EmbeddingStore:
         """Map every stored digest to (table number, row); the first copy wins."""
         if self._index is None:
             self._views, self._index = [], {}
+            self._unchecked = 0
             for path in self.parts():
                 opened = self._open(path)
                 if opened is not None:
                     self._add(*opened)
+            if self._unchecked:
+                log.warning(
+                    "%d embedding part(s) in %s were written by an earlier version of "
+                    "image-search, without a checksum; their images are embedded again, once",
+                    self._unchecked,
+                    self.folder,
+                )
         return self._index
 
     def _add(self, table: pa.Table, values: np.ndarray) -> None:
