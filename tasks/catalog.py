@@ -26,7 +26,7 @@ from tasks.errors import ImageSearchError, param
 from tasks.features.content import EmbeddingStore
 from tasks.hardware import cpu_count
 from tasks.layout import ERRORS_FILE
-from tasks.sources.collection import Collection, Item, reopen
+from tasks.sources.collection import Collection, Item, reopen, say_versions_extended
 from tasks.sources.images import BadImage, Decoded
 from tasks.storage import atomic_path
 from tasks.types import CatalogRef
@@ -285,15 +285,10 @@ def build_catalog(
     rows = [None] * len(items)
     errors: list[tuple[int, str, str]] = []
     todo: list[int] = []
-    older = 0  # versions an earlier image-search wrote as size:mtime, extended since
+    older, versions = 0, (previous.version if previous is not None else [])
     for i, item in enumerate(items):
         p = prev_rows.get(item.uri)
-        if (
-            previous is not None
-            and p is not None
-            and item.version.startswith(previous.version[p] + ":")
-        ):
-            older += 1
+        older += p is not None and item.version.startswith(f"{versions[p]}:")
         if (
             p is not None
             and previous is not None
@@ -308,12 +303,7 @@ def build_catalog(
             todo.append(i)
 
     if older:
-        log.info(
-            "%s images were catalogued by an earlier version of image-search, by size and "
-            "mtime only: reading them once more to record their inode and ctime too (what the "
-            "store holds is not embedded again)",
-            f"{older:,}",
-        )
+        say_versions_extended(older)
     outcomes, stats.embedded = process([items[i] for i in todo])
     stats.read = len(todo)
     for i, outcome in zip(todo, outcomes, strict=True):

@@ -313,8 +313,11 @@ def test_refuses_to_start_without_an_index_on_a_taken_port_or_with_another_model
 
 @pytest.fixture
 def engine(index: Built, tmp_path: Path, random_forward: Any) -> Iterator[Engine]:
+    # Swapped by the tests' own refresh() alone: the watcher could take a new index first.
     running = Engine(
-        copy_index(index.out, tmp_path / "index"), build=lambda spec, exported: random_forward
+        copy_index(index.out, tmp_path / "index"),
+        build=lambda spec, exported: random_forward,
+        reload_interval=3600,
     )
     running.start()
     yield running

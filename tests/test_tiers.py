@@ -395,7 +395,8 @@ def test_the_service_swaps_an_index_with_its_approximate_index_as_one_set(
     from tasks.sources.images import decode_image
 
     served = copy_of(tiered, tmp_path / "served")
-    engine = Engine(served, build=lambda spec, exported: forward)
+    # Swapped by the test alone: a watcher's own refresh could take the new index first.
+    engine = Engine(served, build=lambda spec, exported: forward, reload_interval=3600)
     image = tiered.out / "images" / "img05.png"
     query = embedding_of(image, forward)
     first = json.loads((served / ANN_INFO).read_text())["recall"]["value"]

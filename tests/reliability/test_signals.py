@@ -386,9 +386,9 @@ where = sys.argv[1]
 if where == "exit":
     atexit.register(time.sleep, 600)
 def body():
-    print("ready", flush=True)
     while True:
-        try:
+        try:  # ready only once inside: a signal before it would not be swallowed
+            print("ready", flush=True)
             time.sleep(600)
         except KeyboardInterrupt:
             if where == "exit":

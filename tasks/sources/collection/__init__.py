@@ -33,6 +33,7 @@ from tasks.sources.collection.base import (
     is_image_name,
     read_uri,
     said_already,
+    say_versions_extended,
 )
 from tasks.sources.collection.folder import FOLDER, FolderCollection
 from tasks.sources.collection.imagelist import LIST, ListCollection
@@ -64,6 +65,7 @@ __all__ = [
     "read_uri",
     "reopen",
     "said_already",
+    "say_versions_extended",
 ]
 
 KINDS: tuple[Kind, ...] = (STL10, FOLDER, LIST, ARCHIVE)

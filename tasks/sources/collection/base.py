@@ -141,6 +141,17 @@ def local_version(st: os.stat_result) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
 
 
+def say_versions_extended(n: int) -> None:
+    """One line for ``n`` images an earlier version catalogued by size and mtime alone (a prefix
+    of :func:`local_version`): they are read once more, and nothing is embedded again."""
+    log.info(
+        "%s images were catalogued by an earlier version of image-search, by size and mtime "
+        "only: reading them once more to record their inode and ctime too (what the store "
+        "holds is not embedded again)",
+        f"{n:,}",
+    )
+
+
 def folder_labels(rels: list[str], source: str) -> list[str | None]:
     """Labels from class folders (``root/CLASS/image``, as torchvision's ``ImageFolder``) when
     the layout is one: every image one folder deep, at least two classes, each with at least
