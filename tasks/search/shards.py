@@ -205,11 +205,11 @@ def search_shard(
     rows = int(ids.shape[0])
     peak = None
     if trace_memory:
-        # What the task held at its peak beyond what outlives it (imports, caches): the arrays.
-        del prepared, ids, pos, dist_parts, pos_parts
-        current, top = tracemalloc.get_traced_memory()
+        # The most the task's traced (NumPy) allocations held at once; the tracing began with
+        # the task, so whatever else lives in the worker is not counted. (Subtracting what was
+        # still held at the end undercounted whenever the shard outlived the task a moment.)
+        _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        peak = top - current
     return ShardResult(
         distances=dist,
         ids=neighbor_ids,
