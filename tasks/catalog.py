@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from tasks.columns import numbers
 from tasks.errors import ImageSearchError, param
 from tasks.features.content import EmbeddingStore
 from tasks.hardware import cpu_count
@@ -77,7 +78,7 @@ class Catalog:
 def read_catalog(path: Path) -> Catalog:
     """Read ``catalog.parquet``; a damaged file is a clear error naming it."""
     try:
-        table = pq.read_table(path)
+        table = pq.ParquetFile(path).read()  # not read_table: its dataset layer loads pandas
         meta = (table.schema.metadata or {}).get(META_KEY)
         cols = {name: table.column(name) for name in CATALOG_SCHEMA.names}
     except (OSError, pa.ArrowInvalid, KeyError) as exc:
@@ -85,11 +86,11 @@ def read_catalog(path: Path) -> Catalog:
     import json
 
     return Catalog(
-        image_id=cols["image_id"].to_numpy(),
+        image_id=numbers(cols["image_id"]).copy(),
         uri=cols["uri"].to_pylist(),
         sha256=cols["sha256"].to_pylist(),
-        width=cols["width"].to_numpy(),
-        height=cols["height"].to_numpy(),
+        width=numbers(cols["width"]).copy(),
+        height=numbers(cols["height"]).copy(),
         label=cols["label"].to_pylist(),
         version=cols["version"].to_pylist(),
         split=cols["split"].to_pylist(),

@@ -36,6 +36,7 @@ from tasks.ask.files import (
     open_copy,
 )
 from tasks.catalog import META_KEY as CATALOG_META_KEY
+from tasks.columns import int64_array, numbers
 from tasks.errors import ImageSearchError, param
 from tasks.features import store
 from tasks.features.model import DIM
@@ -67,22 +68,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 THUMB = 96  # side of the pictures' tiles
-
-
-# pyarrow's conversions from and to NumPy (Array.to_numpy, pa.array of an ndarray) import pandas,
-# most of a second of a query's start; int64 columns without nulls go through their buffers.
-def _int64s(column: pa.ChunkedArray) -> np.ndarray:
-    """The values (n,) int64 of an int64 column without nulls."""
-    array = column.combine_chunks()
-    if array.type != pa.int64() or array.null_count:
-        raise ValueError(f"expected int64 values without nulls, got {array.type}")
-    return np.frombuffer(array.buffers()[1], np.int64, len(array), array.offset * 8).copy()
-
-
-def _int64_array(values: np.ndarray) -> pa.Array:
-    """``values`` (n,) as an Arrow int64 array."""
-    data = np.ascontiguousarray(values, dtype=np.int64)
-    return pa.Array.from_buffers(pa.int64(), len(data), [None, pa.py_buffer(data)])
 
 
 def _jpeg(pixels: np.ndarray, quality: int = 85) -> bytes:
@@ -357,7 +342,7 @@ def _load(path: Path, identity: str, changed: dict[str, str]) -> Index:
             f"Cannot read {catalog_path} ({exc}); run image-search again with "
             f"{param('out')} {path}."
         ) from exc
-    cat_ids = _int64s(table.column("image_id"))
+    cat_ids = numbers(table.column("image_id")).astype(np.int64)
     take = np.searchsorted(cat_ids, ids)
     take = np.minimum(take, len(cat_ids) - 1)
     missing = ids[cat_ids[take] != ids] if len(cat_ids) else ids
@@ -367,7 +352,7 @@ def _load(path: Path, identity: str, changed: dict[str, str]) -> Index:
             f"{catalog_path}: the two files come from different runs; run image-search "
             f"again with {param('out')} {path}."
         )
-    indices = _int64_array(take)
+    indices = int64_array(take)
     certified, no_certified = _certified(path, prepared, changed)
     approximate, no_approximate = _approximate(path, n, changed)
     passed_over = {INDEX_COMPACT: no_certified or "", ANN_INDEX: no_approximate}

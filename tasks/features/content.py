@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from tasks.columns import numbers
 from tasks.features.model import DIM
 from tasks.fingerprints import code_version, fingerprint
 from tasks.layout import EMBEDDINGS_DIR
@@ -203,7 +204,7 @@ def _arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     raw = np.frombuffer(digests.buffers()[1], dtype=np.uint8)
     start = digests.offset * 32
     values = table.column("embedding").combine_chunks().values
-    floats = values.to_numpy(zero_copy_only=True).reshape(-1, DIM)
+    floats = numbers(values).reshape(-1, DIM)
     return raw[start : start + 32 * len(digests)].reshape(-1, 32), floats
 
 
